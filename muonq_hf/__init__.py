@@ -1,0 +1,9 @@
+"""muonq_hf: MuonQ, Muon with a 4-bit momentum, as a first-class optimizer of the Hugging Face stack."""
+
+from .grouping import param_groups
+from .memory import state_bytes
+from .optimizer import MuonQ
+from .orthogonalize import zeropower_via_newtonschulz5
+
+__all__ = ["MuonQ", "param_groups", "state_bytes", "zeropower_via_newtonschulz5"]
+__version__ = "0.1.0"

@@ -1,0 +1,169 @@
+"""Quantization codecs: the one place that turns fp32 tensors into packed low-bit codes and back.
+
+Two codecs live here:
+
+* ``quantize`` / ``dequantize``: symmetric 4- or 8-bit codes of (optionally) mu-law companded values,
+  with absmax scales per group of elements (whole matrix, column, or row block). The MuonQ momentum.
+* ``quantize_dynamic8`` / ``dequantize_dynamic8``: bitsandbytes-style blockwise 8-bit codes through a
+  dynamic (exponent-like) map, for AdamW's m (signed) and v (unsigned).
+
+All functions are pure: tensors in, tensors out. Codes are packed along the last dim, so the codes of a
+row shard of a matrix are a row shard of the codes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+QMAX = {4: 7, 8: 127}
+
+
+# --------------------------------------------------------------------------------------- mu-law companding
+def compand(x: torch.Tensor, mu: float) -> torch.Tensor:
+    """C(x) = sign(x) ln(1 + mu|x|) / ln(1 + mu). Identity for mu = 0.
+
+    Defined on all reals (no clamp): for inputs in [-1, 1] (normalized momentum) it matches the reference
+    code, and an unnormalized input is still encoded faithfully instead of being clipped.
+    """
+    if mu == 0:
+        return x
+    return x.sign() * torch.log1p(mu * x.abs()) / math.log1p(mu)
+
+
+def expand(y: torch.Tensor, mu: float) -> torch.Tensor:
+    """C^-1(y) = sign(y) ((1 + mu)^|y| - 1) / mu. Identity for mu = 0."""
+    if mu == 0:
+        return y
+    return y.sign() * torch.expm1(y.abs() * math.log1p(mu)) / mu
+
+
+# ------------------------------------------------------------------------------------------- 4-bit packing
+def pack4(q: torch.Tensor) -> torch.Tensor:
+    """int codes in [-8, 7], (..., n) -> uint8 (..., ceil(n/2)), two codes per byte, low nibble first."""
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    if u.size(-1) % 2:
+        u = torch.nn.functional.pad(u, (0, 1), value=8)  # pad with the code of zero
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack4(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """uint8 (..., ceil(n/2)) -> int8 codes (..., n)."""
+    lo = (packed & 0x0F).to(torch.int8) - 8
+    hi = (packed >> 4).to(torch.int8) - 8
+    return torch.stack((lo, hi), dim=-1).flatten(-2)[..., :n]
+
+
+def packed_width(n: int, bits: int) -> int:
+    return (n + 1) // 2 if bits == 4 else n
+
+
+# ------------------------------------------------------------------------------------- scale granularities
+def _group_absmax(y: torch.Tensor, granularity: str, block_size: int | None) -> torch.Tensor:
+    """max|y| per scale group, shaped to broadcast against y (..., m, n).
+
+    granularity: "matrix" (one per trailing (m, n) matrix), "column" (one per column) or "block"
+    (blocks of ``block_size`` consecutive elements along each row: row-aligned, so row shards keep theirs).
+    """
+    a = y.abs()
+    if granularity == "matrix":
+        return a.amax(dim=(-2, -1), keepdim=True)  # (..., 1, 1)
+    if granularity == "column":
+        return a.amax(dim=-2, keepdim=True)  # (..., 1, n)
+    if granularity == "block":
+        n = y.size(-1)
+        nb = -(-n // block_size)
+        a = torch.nn.functional.pad(a, (0, nb * block_size - n))
+        return a.unflatten(-1, (nb, block_size)).amax(dim=-1)  # (..., m, nb)
+    raise ValueError(f"granularity must be 'matrix', 'column' or 'block', got {granularity!r}")
+
+
+def _broadcast_scale(scale: torch.Tensor, granularity: str, n: int, block_size: int | None) -> torch.Tensor:
+    if granularity == "block":
+        return scale.repeat_interleave(block_size, dim=-1)[..., :n]
+    return scale
+
+
+def round_codes(
+    z: torch.Tensor, qmax: int, stochastic: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Round to integers in [-qmax-1, qmax]: nearest-even, or stochastic (unbiased) with ``generator``."""
+    if stochastic:
+        noise = torch.rand(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        z = torch.floor(z + noise)
+    else:
+        z = torch.round(z)
+    return z.clamp_(-qmax - 1, qmax).to(torch.int8)
+
+
+def quantize(
+    x: torch.Tensor,
+    bits: int,
+    mu: float = 0.0,
+    granularity: str = "matrix",
+    block_size: int | None = None,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
+    group_max: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q(x): x (..., m, n) fp32 -> (codes, scale).
+
+    y = C(x); s = max|y| / qmax (fp16, >= 1e-8); q = round(y / s). codes are uint8, packed two per byte
+    along the last dim for 4 bits ((..., m, ceil(n/2))), int8 viewed as uint8 for 8 bits ((..., m, n)).
+    ``group_max`` reduces the per-group max|C(x)| of matrix and column groups across the ranks that hold
+    row shards of x (all-reduce max); block groups lie within rows and need no reduction.
+    """
+    qmax = QMAX[bits]
+    y = compand(x.float(), mu)
+    absmax = _group_absmax(y, granularity, block_size)
+    if group_max is not None and granularity != "block":
+        absmax = group_max(absmax)
+    scale = (absmax / qmax).clamp(min=1e-8).to(torch.float16)
+    s = _broadcast_scale(scale.float(), granularity, y.size(-1), block_size)
+    q = round_codes(y / s, qmax, stochastic, generator)
+    codes = pack4(q) if bits == 4 else q.view(torch.uint8)
+    return codes, scale
+
+
+def dequantize(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    n: int,
+    bits: int,
+    mu: float = 0.0,
+    granularity: str = "matrix",
+    block_size: int | None = None,
+) -> torch.Tensor:
+    """DQ(codes, scale) = C^-1(q * s), fp32 (..., m, n)."""
+    q = unpack4(codes, n) if bits == 4 else codes.view(torch.int8)
+    s = _broadcast_scale(scale.float(), granularity, n, block_size)
+    return expand(q.float() * s, mu)
+
+
+# ----------------------------------------------------------- blockwise dynamic 8-bit (AdamW's m and v)
+def dynamic_map(signed: bool) -> torch.Tensor:
+    """The 256-entry dynamic quantization map of bitsandbytes (sign, exponent run, linear fraction)."""
+    from bitsandbytes.functional import create_dynamic_map
+
+    return create_dynamic_map(signed=signed).float().sort().values
+
+
+def quantize_dynamic8(x: torch.Tensor, qmap: torch.Tensor, block_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (m, n) -> (codes uint8 (m, n), absmax fp32 (m, ceil(n/block))): nearest entry of ``qmap``.
+
+    Blocks run along rows (not over the flattened tensor) so that row shards own whole blocks.
+    """
+    absmax = _group_absmax(x, "block", block_size).clamp(min=1e-12)
+    z = x / _broadcast_scale(absmax, "block", x.size(-1), block_size)
+    midpoints = (qmap[1:] + qmap[:-1]) / 2
+    codes = torch.bucketize(z.contiguous(), midpoints.to(z.device)).to(torch.uint8)
+    return codes, absmax.float()
+
+
+def dequantize_dynamic8(
+    codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor, block_size: int = 256
+) -> torch.Tensor:
+    values = qmap.to(codes.device)[codes.long()]
+    return values * _broadcast_scale(absmax, "block", codes.size(-1), block_size)

@@ -1,0 +1,43 @@
+"""Optimizer-state accounting, counted from the state tensors themselves (local shards under FSDP)."""
+
+from __future__ import annotations
+
+import torch
+
+KINDS = ("codes", "scales", "factors", "moments", "other")
+
+
+def state_kind(key: str) -> str:
+    """Kind of a MuonQ state entry: codes (residual / moment codes), scales, factors (P, R), moments (fp32)."""
+    if key.startswith(("P", "R")):
+        return "factors"
+    if key.endswith("_codes"):
+        return "codes"
+    if key.endswith(("_scale", "_absmax")) or key == "norm":
+        return "scales"
+    if key in ("res", "exp_avg", "exp_avg_sq", "momentum_buffer"):
+        return "moments"
+    return "other"
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return local.numel() * local.element_size()
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, int] | int]:
+    """Bytes of every state tensor, split by group kind ("muon"/"adamw") and tensor kind.
+
+    Returns {"muon": {kind: bytes, ..., "total": b}, "adamw": {...}, "total": b}. The step counters are
+    "other". Works for any torch optimizer (groups without ``use_muon`` count as "adamw").
+    """
+    report: dict[str, dict[str, int]] = {g: {k: 0 for k in (*KINDS, "total")} for g in ("muon", "adamw")}
+    for group in optimizer.param_groups:
+        part = report["muon" if group.get("use_muon") else "adamw"]
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value):
+                    n = tensor_bytes(value)
+                    part[state_kind(key)] += n
+                    part["total"] += n
+    return {**report, "total": report["muon"]["total"] + report["adamw"]["total"]}

@@ -1,0 +1,43 @@
+"""Newton-Schulz orthogonalization: the one place in the package that computes Muon's polar factor."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Keller Jordan's quintic coefficients: chosen to maximise the slope at zero, not to converge exactly;
+# singular values land in roughly [0.7, 1.2], which is all Muon needs.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def ns_dtype_for(device: torch.device) -> torch.dtype:
+    """bf16 on accelerators (NS5 is stable in bf16 and runs on tensor cores), fp32 on CPU (exact tests)."""
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Approximate U V^T of G = U S V^T by a quintic Newton-Schulz iteration.
+
+    G: (..., m, n), batched over leading dims. Returns a tensor of G's shape in ``dtype``
+    (default: bf16 on accelerators, fp32 on CPU).
+    """
+    assert G.ndim >= 2, f"Newton-Schulz needs a matrix, got shape {tuple(G.shape)}"
+    a, b, c = NS_COEFFICIENTS
+    X = G.to(dtype or ns_dtype_for(G.device))
+    transposed = G.size(-2) > G.size(-1)
+    if transposed:  # iterate on the short side: X X^T is (min, min)
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    if transposed:
+        X = X.mT
+    return X
+
+
+def muon_scale(m: int, n: int) -> float:
+    """Moonlight's factor 0.2*sqrt(max(m, n)): gives the update AdamW's RMS, so one lr serves both groups."""
+    return 0.2 * math.sqrt(max(m, n))
