@@ -64,6 +64,7 @@ def param_groups(
     weight_decay: float = 0.0,
     split_qkv: bool = True,
     no_decay_names: set[str] | None = None,
+    adamw_names: tuple[str, ...] = (),
     **options: Any,
 ) -> list[dict]:
     """Param groups for ``MuonQ``: Muon for >= 2-D weights inside the network, AdamW for the rest.
@@ -71,7 +72,9 @@ def param_groups(
     AdamW gets the input and output embeddings (found through ``get_input_embeddings()`` /
     ``get_output_embeddings()``, tied weights and every ``nn.Embedding``), norms, biases and any tensor of
     fewer than 2 dims. Frozen parameters are left out. Weight decay applies to matrices and embeddings,
-    not to norms and biases (or to ``no_decay_names``, e.g. the Trainer's own list). Fused QKV weights get
+    not to norms and biases (or to ``no_decay_names``, e.g. the Trainer's own list). ``adamw_names``
+    sends more matrices to AdamW by name suffix: a plain ``nn.Module`` has no ``get_output_embeddings()``,
+    so name its output layer there (e.g. ``adamw_names=("head.weight",)``). Fused QKV weights get
     their own group with ``qkv_split``/``split_dim`` when ``split_qkv``. ``options`` (any MuonQ group key)
     are copied into every group. Returns plain dicts: ``MuonQ(param_groups(model), lr=...)``.
     """
@@ -93,7 +96,9 @@ def param_groups(
                 or _is_norm(module_name, module)
                 or (no_decay_names is not None and full_name in no_decay_names)
             )
-            if p.ndim >= 2 and id(p) not in embeddings and not _is_norm(module_name, module):
+            named_adamw = any(full_name.endswith(suffix) for suffix in adamw_names)
+            to_adamw = id(p) in embeddings or _is_norm(module_name, module) or named_adamw
+            if p.ndim >= 2 and not to_adamw:
                 split = fused_qkv_split(module_name, module) if split_qkv and pname == "weight" else None
                 (fused.setdefault(split, []) if split else muon).append(p)
             elif no_decay:

@@ -1,0 +1,286 @@
+"""MuonQ against independent references written here: plain fp32 Muon, fp32 MuonQ (SPEC section 3) and
+torch's AdamW; fused-QKV splitting; conv kernels; non-finite gradients; option validation."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from muonq_hf import MuonQ
+from muonq_hf.codecs import dequantize
+
+PLAIN_MUON = dict(bits=32, normalize=False, rank_divisor=0, mu=0.0)
+
+
+# ------------------------------------------------------------------------------------ references (fp32)
+def ns5_reference(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Keller Jordan's zeropower_via_newtonschulz5, in fp32, for one matrix."""
+    a, b, c = (3.4445, -4.7750, 2.0315)
+    X = G.clone()
+    if G.size(0) > G.size(1):
+        X = X.T
+    X = X / (X.norm() + 1e-7)
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if G.size(0) > G.size(1) else X
+
+
+class ReferenceMuon:
+    """SPEC section 2: M = beta M + G; U = NS5(M) (or NS5(G + beta M)); W *= 1 - lr wd; W -= lr 0.2 sqrt(max) U."""
+
+    def __init__(self, lr, beta=0.95, wd=0.0, nesterov=False):
+        self.lr, self.beta, self.wd, self.nesterov, self.buf = lr, beta, wd, nesterov, {}
+
+    def step(self, W: torch.Tensor, G: torch.Tensor, key) -> None:
+        G2 = G.reshape(G.size(0), -1)
+        M = self.buf.setdefault(key, torch.zeros_like(G2))
+        M.mul_(self.beta).add_(G2)
+        U = ns5_reference(G2 + self.beta * M if self.nesterov else M)
+        W.mul_(1 - self.lr * self.wd)
+        W.add_(U.reshape(W.shape), alpha=-self.lr * 0.2 * math.sqrt(max(G2.shape)))
+
+
+class ReferenceMuonQ32:
+    """SPEC section 3 in fp32 with torch.linalg.qr (Householder): normalize G, momentum, normalize M, split."""
+
+    def __init__(self, lr, beta=0.95, rank_divisor=16):
+        self.lr, self.beta, self.rank_divisor, self.state = lr, beta, rank_divisor, {}
+
+    def step(self, W, G, key, R_init):
+        m, n = G.shape
+        r = min(m, n) // self.rank_divisor
+        res, P, R = self.state.get(key, (torch.zeros(m, n), torch.zeros(m, r), R_init))
+        M_prev = res + P @ R.T
+        G_hat = G / (G.norm() + 1e-7)
+        M = self.beta * M_prev + G_hat
+        M_bar = M / (M.norm() + 1e-7)
+        Q = R / (R.norm(dim=0, keepdim=True) + 1e-7)
+        P = torch.linalg.qr(M_bar @ Q, mode="reduced").Q
+        R = M_bar.T @ P
+        self.state[key] = (M_bar - P @ R.T, P, R)
+        W.add_(ns5_reference(M_bar), alpha=-self.lr * 0.2 * math.sqrt(max(m, n)))
+
+
+def grads_for(shapes, steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=g) for s in shapes] for _ in range(steps)]
+
+
+def run_optimizer(opt, params, grads):
+    for step_grads in grads:
+        for p, g in zip(params, step_grads, strict=True):
+            p.grad = g.clone().to(p.dtype)
+        opt.step()
+    return params
+
+
+# ----------------------------------------------------------------------------------------- equivalence
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_plain_muon_equals_reference_muon(nesterov):
+    torch.manual_seed(0)
+    shapes = [(32, 48), (48, 32), (16, 4, 3, 3)]  # wide, tall, conv kernel viewed as (16, 36)
+    init = [torch.randn(s) for s in shapes]
+    grads = grads_for(shapes, 6)
+    params = [nn.Parameter(w.clone()) for w in init]
+    opt = MuonQ([dict(params=params, use_muon=True)], lr=0.01, weight_decay=0.1, nesterov=nesterov, **PLAIN_MUON)
+    run_optimizer(opt, params, grads)
+    ref = ReferenceMuon(lr=0.01, wd=0.1, nesterov=nesterov)
+    expected = [w.clone() for w in init]
+    for step_grads in grads:
+        for i, (w, g) in enumerate(zip(expected, step_grads, strict=True)):
+            ref.step(w, g, i)
+    for p, w in zip(params, expected, strict=True):
+        torch.testing.assert_close(p.data, w, atol=2e-6, rtol=1e-5)
+
+
+def test_adamw_groups_equal_torch_adamw():
+    torch.manual_seed(0)
+    shapes = [(100, 16), (16,)]
+    init = [torch.randn(s) for s in shapes]
+    grads = grads_for(shapes, 8)
+    params = [nn.Parameter(w.clone()) for w in init]
+    opt = MuonQ([dict(params=params, use_muon=False)], lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.05)
+    run_optimizer(opt, params, grads)
+    ref_params = [nn.Parameter(w.clone()) for w in init]
+    ref = torch.optim.AdamW(ref_params, lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.05)
+    run_optimizer(ref, ref_params, grads)
+    for p, q in zip(params, ref_params, strict=True):
+        torch.testing.assert_close(p.data, q.data, atol=1e-6, rtol=1e-6)
+
+
+def test_fp32_muonq_with_split_equals_reference():
+    """bits=32 keeps normalize and the low-rank split: the whole data path of SPEC section 3 minus the codec."""
+    torch.manual_seed(0)
+    W0 = torch.randn(64, 96)
+    grads = grads_for([(64, 96)], 6)
+    p = nn.Parameter(W0.clone())
+    opt = MuonQ([dict(params=[p], use_muon=True)], lr=0.01, bits=32, mu=0.0)
+    run_optimizer(opt, [p], grads)
+    # the first-step Gaussian only picks the subspace; in fp32 the residual makes P R^T + res exact anyway
+    ref = ReferenceMuonQ32(lr=0.01)
+    W = W0.clone()
+    for (g,) in grads:
+        ref.step(W, g, 0, torch.randn(96, 4))
+    torch.testing.assert_close(p.data, W, atol=1e-5, rtol=1e-5)
+    assert opt.state[p]["P"].shape == (64, 4) and opt.state[p]["R"].shape == (1, 96, 4)
+
+
+def test_default_4bit_state_tracks_the_fp32_momentum():
+    """The packed 4-bit state decodes to the fp32 reference's normalized momentum within the codec's error."""
+    torch.manual_seed(0)
+    W0 = torch.randn(128, 128)
+    # gradients with a persistent low-rank signal plus noise, like real training
+    signal = torch.randn(128, 4) @ torch.randn(4, 128)
+    grads = [[signal + 0.5 * g] for (g,) in grads_for([(128, 128)], 20)]
+    p = nn.Parameter(W0.clone())
+    opt = MuonQ([dict(params=[p], use_muon=True)], lr=0.01)
+    ref = ReferenceMuonQ32(lr=0.01)
+    W = W0.clone()
+    for (g,) in grads:
+        p.grad = g.clone()
+        opt.step()
+        ref.step(W, g, 0, torch.randn(128, 8))
+    st = opt.state[p]
+    assert st["res_codes"].dtype == torch.uint8 and st["res_codes"].shape == (128, 64)
+    decoded = dequantize(st["res_codes"].unsqueeze(0), st["res_scale"].view(1, 1, 1), 128, 4, 255.0)
+    P = dequantize(st["P_codes"].unsqueeze(0), st["P_scale"].unsqueeze(-2), 8, 4, 255.0, "column")
+    R = dequantize(st["R_codes"], st["R_scale"].unsqueeze(-2), 8, 4, 255.0, "column")
+    M_q = (decoded + P @ R.mT)[0]
+    res, P_ref, R_ref = ref.state[0]
+    M_ref = res + P_ref @ R_ref.T
+    cos = (M_q * M_ref).sum() / (M_q.norm() * M_ref.norm())
+    # one 4-bit encode has ~15% relative error (cos ~0.99, see test_codecs); errors of past steps decay with
+    # the effective momentum (~0.65 after normalization), so the stored state sits at cos ~0.95 (measured)
+    assert cos > 0.93
+    delta_q, delta_ref = p.data - W0, W - W0
+    assert (delta_q * delta_ref).sum() / (delta_q.norm() * delta_ref.norm()) > 0.97
+
+
+
+@pytest.mark.parametrize("layer", ["conv1d", "linear"])
+def test_fused_qkv_split_equals_three_separate_matrices(layer):
+    """GPT-2's Conv1D c_attn (d, 3d) splits along columns, a Linear qkv (3d, d) along rows."""
+    torch.manual_seed(0)
+    d = 24
+    shape, dim = ((d, 3 * d), 1) if layer == "conv1d" else ((3 * d, d), 0)
+    W0 = torch.randn(shape)
+    grads = grads_for([shape], 5)
+    fused = nn.Parameter(W0.clone())
+    opt = MuonQ([dict(params=[fused], use_muon=True, qkv_split=3, split_dim=dim)], lr=0.01, bits=32, mu=0.0,
+                rank_divisor=4)
+    run_optimizer(opt, [fused], grads)
+    pieces = [nn.Parameter(w.clone()) for w in W0.chunk(3, dim=dim)]
+    opt_pieces = MuonQ([dict(params=pieces, use_muon=True)], lr=0.01, bits=32, mu=0.0, rank_divisor=4)
+    run_optimizer(opt_pieces, pieces, [[g.chunk(3, dim=dim)[i] for i in range(3)] for (g,) in grads])
+    torch.testing.assert_close(fused.data, torch.cat([p.data for p in pieces], dim=dim), atol=1e-5, rtol=1e-5)
+    # row layout: the state rows are the parameter rows, so a row shard of W owns a row shard of the codes
+    assert opt.state[fused]["res"].shape[0] == shape[0]
+
+
+def test_fused_qkv_4bit_differs_from_unsplit():
+    """The split is not cosmetic: per-piece normalization and scales change the quantized update."""
+    torch.manual_seed(0)
+    W0 = torch.randn(24, 72)
+    grads = grads_for([(24, 72)], 3)
+    grads = [[g * torch.tensor([1.0, 10.0, 0.1]).repeat_interleave(24)] for (g,) in grads]
+    a, b = nn.Parameter(W0.clone()), nn.Parameter(W0.clone())
+    run_optimizer(MuonQ([dict(params=[a], use_muon=True, qkv_split=3, split_dim=1)], lr=0.01), [a], grads)
+    run_optimizer(MuonQ([dict(params=[b], use_muon=True)], lr=0.01), [b], grads)
+    assert not torch.allclose(a.data, b.data, atol=1e-4)
+
+
+def test_rank_divisor_too_large_falls_back_to_no_split():
+    p = nn.Parameter(torch.randn(8, 64))
+    opt = MuonQ([dict(params=[p], use_muon=True)], lr=0.01)  # min(8, 64) // 16 == 0
+    p.grad = torch.randn(8, 64)
+    opt.step()
+    assert "P_codes" not in opt.state[p] and opt.state[p]["res_codes"].shape == (8, 32)
+
+
+# --------------------------------------------------------------------------------------- bad inputs
+def test_nonfinite_gradient_raises_before_touching_anything():
+    a, b = nn.Parameter(torch.randn(16, 16)), nn.Parameter(torch.randn(16))
+    opt = MuonQ([dict(params=[a], use_muon=True), dict(params=[b])], lr=0.01)
+    a.grad, b.grad = torch.randn(16, 16), torch.randn(16)
+    opt.step()
+    before = (a.data.clone(), b.data.clone(), copy.deepcopy(opt.state_dict()))
+    a.grad = torch.randn(16, 16)
+    b.grad = torch.full((16,), float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite gradient"):
+        opt.step()
+    assert torch.equal(a.data, before[0]) and torch.equal(b.data, before[1])
+    after = opt.state_dict()["state"]
+    for i, st in before[2]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(after[i][k], v)
+
+
+def test_nonfinite_gradient_skip_mode_counts_and_skips():
+    a = nn.Parameter(torch.randn(16, 16))
+    opt = MuonQ([dict(params=[a], use_muon=True)], lr=0.01, nonfinite="skip")
+    a.grad = torch.full((16, 16), float("inf"))
+    w = a.data.clone()
+    opt.step()
+    assert opt.skipped_steps == 1 and torch.equal(a.data, w) and not opt.state[a]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(bits=3), "bits=3 is not allowed; bits must be one of 4, 8, 32"),
+        (dict(lr=-0.1), "lr=-0.1 is not allowed"),
+        (dict(adamw_bits=4), "adamw_bits=4 is not allowed; adamw_bits must be 8 or 32"),
+        (dict(rank_divisor=-1), "rank_divisor=-1"),
+        (dict(rank_divisor=2.5), "rank_divisor=2.5"),
+        (dict(mu=-1.0), "mu=-1.0"),
+        (dict(block_size=0), "block_size=0"),
+        (dict(momentum=1.0), "momentum=1.0"),
+        (dict(split_dim=2), "split_dim=2"),
+        (dict(betas=(0.9, 1.5)), "betas"),
+    ],
+)
+def test_bad_options_are_rejected_with_their_value(kwargs, match):
+    with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):
+        MuonQ([nn.Parameter(torch.randn(4, 4))], **kwargs)
+
+
+def test_unknown_option_and_group_key_are_rejected():
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['rank'\]; allowed: .*rank_divisor"):
+        MuonQ([nn.Parameter(torch.randn(4, 4))], rank=4)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['use_muonq'\]"):
+        MuonQ([dict(params=[nn.Parameter(torch.randn(4, 4))], use_muonq=True)])
+    with pytest.raises(ValueError, match="nonfinite must be 'error' or 'skip', got 'ignore'"):
+        MuonQ([nn.Parameter(torch.randn(4, 4))], nonfinite="ignore")
+
+
+def test_muon_group_rejects_vectors_and_bad_qkv_split():
+    with pytest.raises(ValueError, match=r"use_muon=True needs tensors of >= 2 dims, got shape \(8,\)"):
+        MuonQ([dict(params=[nn.Parameter(torch.randn(8))], use_muon=True)])
+    p = nn.Parameter(torch.randn(10, 10))
+    opt = MuonQ([dict(params=[p], use_muon=True, qkv_split=3)])
+    p.grad = torch.randn(10, 10)
+    with pytest.raises(ValueError, match=r"qkv_split=3 does not divide dim 0 \(size 10\)"):
+        opt.step()
+
+
+def test_adamw_lr_sets_the_adamw_groups_lr_only():
+    a, b = nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.randn(8))
+    opt = MuonQ([dict(params=[a], use_muon=True), dict(params=[b])], lr=0.02, adamw_lr=3e-4)
+    assert opt.param_groups[0]["lr"] == 0.02 and opt.param_groups[1]["lr"] == 3e-4
+
+
+def test_adamw_8bit_tracks_fp32_adamw_and_stores_uint8():
+    torch.manual_seed(0)
+    init = torch.randn(64, 128)
+    grads = grads_for([(64, 128)], 10)
+    p8, p32 = nn.Parameter(init.clone()), nn.Parameter(init.clone())
+    opt8 = MuonQ([dict(params=[p8])], lr=1e-2, adamw_bits=8)
+    run_optimizer(opt8, [p8], grads)
+    run_optimizer(MuonQ([dict(params=[p32])], lr=1e-2), [p32], grads)
+    st = opt8.state[p8]
+    assert st["exp_avg_codes"].dtype == torch.uint8 and st["exp_avg_absmax"].shape == (64, 1)
+    d8, d32 = p8.data - init, p32.data - init
+    assert (d8 - d32).norm() < 0.05 * d32.norm()
