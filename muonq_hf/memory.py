@@ -9,12 +9,12 @@ KINDS = ("codes", "scales", "factors", "moments", "other")
 
 def state_kind(key: str) -> str:
     """Kind of a MuonQ state entry: codes (residual / moment codes), scales, factors (P, R), moments (fp32)."""
+    if key.endswith(("_scale", "_absmax")) or key == "norm":
+        return "scales"
     if key.startswith(("P", "R")):
         return "factors"
     if key.endswith("_codes"):
         return "codes"
-    if key.endswith(("_scale", "_absmax")) or key == "norm":
-        return "scales"
     if key in ("res", "exp_avg", "exp_avg_sq", "momentum_buffer"):
         return "moments"
     return "other"
