@@ -91,7 +91,8 @@ def round_codes(
 ) -> torch.Tensor:
     """Round to integers in [-qmax-1, qmax]: nearest-even, or stochastic (unbiased) with ``generator``."""
     if stochastic:
-        noise = torch.rand(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        # drawn on the CPU generator, then moved: the same codes on every device and after a resume
+        noise = torch.rand(z.shape, generator=generator, dtype=z.dtype).to(z.device)
         z = torch.floor(z + noise)
     else:
         z = torch.round(z)
