@@ -123,6 +123,9 @@ class MuonQ(torch.optim.Optimizer):
       * the first-step Gaussian and stochastic rounding draw from generators keyed by (seed, parameter
         index, step), the index being the parameter's position in ``param_groups``: identical on every rank
         and after a resume.
+      * distributed (``muonq_hf.distributed``): DTensor (FSDP2) parameters get row-sharded state and one
+        Newton-Schulz per matrix in the world; ``ddp_shard_state=True`` shards the state across DDP ranks
+        (ZeRO-1), which makes ``state_dict()`` a collective call.
     """
 
     def __init__(
@@ -131,6 +134,7 @@ class MuonQ(torch.optim.Optimizer):
         lr: float = 0.02,
         *,
         nonfinite: str = "error",
+        ddp_shard_state: bool = False,
         **options: Any,
     ) -> None:
         unknown = set(options) - (GROUP_KEYS - {"params", "use_muon"})
@@ -144,6 +148,7 @@ class MuonQ(torch.optim.Optimizer):
         defaults = {**COMMON_DEFAULTS, **MUON_DEFAULTS, **ADAMW_DEFAULTS, **options, "lr": lr}
         self.nonfinite = nonfinite
         self.skipped_steps = 0
+        self.ddp_shard_state = bool(ddp_shard_state)  # ZeRO-1 by whole tensors under DDP (muonq_hf.distributed)
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------------------------------ groups
@@ -179,6 +184,12 @@ class MuonQ(torch.optim.Optimizer):
                 )
             self.skipped_steps += 1
             return loss
+        from .distributed import engine_for  # FSDP2 DTensors or DDP state sharding; None in one process
+
+        engine = engine_for(self)
+        if engine is not None:
+            engine.step(self)
+            return loss
         for index, group, p in self._indexed_params():
             if p.grad is None:
                 continue
@@ -199,10 +210,20 @@ class MuonQ(torch.optim.Optimizer):
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
             return True
+        from .distributed import grads_finite, is_dtensor
+
+        if any(is_dtensor(g) for g in grads):
+            return grads_finite(grads)  # local shards, then agreed by all-reduce
         return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
     # ------------------------------------------------------------------------------------------- Muon
     def _muon_step(self, p: torch.Tensor, group: dict, index: int) -> None:
+        if p.ndim < 2:  # add_param_group rejected 1-D tensors: something (DeepSpeed ZeRO) swapped the parameters
+            raise RuntimeError(
+                f"MuonQ: a use_muon parameter is now 1-D (shape {tuple(p.shape)}): DeepSpeed ZeRO hands its client "
+                "optimizer flat partitions, and Newton-Schulz on them would be wrong. Use "
+                "muonq_hf.deepspeed.DeepSpeedMuonQ (ZeRO stage 1 or 2), or train without DeepSpeed"
+            )
         layout = layout_of(p, group)
         G = layout.to_pieces(p.grad.reshape(layout.m, layout.n).float())  # (k, mp, np)
         state = self.state[p]
@@ -212,10 +233,19 @@ class MuonQ(torch.optim.Optimizer):
         p.add_(layout.to_rows(U).reshape(p.shape).to(p.dtype), alpha=-group["lr"] * muon_scale(mp, np_))
 
     # ------------------------------------------------------------------------------------------ AdamW
-    def _adamw_step(self, p: torch.Tensor, group: dict) -> None:
-        state = self.state[p]
-        quantized = group["adamw_bits"] == 8 and p.ndim >= 2 and p.numel() >= ADAMW_8BIT_MIN_NUMEL
-        grad = p.grad.float()
+    def _adamw_step(
+        self,
+        p: torch.Tensor,
+        group: dict,
+        grad: torch.Tensor | None = None,
+        state: dict | None = None,
+        quantized: bool | None = None,
+    ) -> None:
+        """AdamW on p; the FSDP2 engine passes a local shard with its grad, state and the global ``quantized``."""
+        state = self.state[p] if state is None else state
+        if quantized is None:
+            quantized = group["adamw_bits"] == 8 and p.ndim >= 2 and p.numel() >= ADAMW_8BIT_MIN_NUMEL
+        grad = (p.grad if grad is None else grad).float()
         if not state:
             state["step"] = torch.tensor(0.0)
             if quantized:
@@ -251,6 +281,16 @@ class MuonQ(torch.optim.Optimizer):
         p.addcdiv_(exp_avg.to(p.dtype), denom.to(p.dtype), value=-group["lr"] / bias1)
 
     # ------------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """With ``ddp_shard_state`` this is collective (all ranks call it) and returns the full state everywhere."""
+        from .distributed import engine_for
+
+        engine = engine_for(self)
+        if hasattr(engine, "gathered"):
+            with engine.gathered(self):  # the returned dict keeps the full tensors; this rank keeps its part
+                return super().state_dict()
+        return super().state_dict()
+
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's loader casts floating state to the parameter dtype; restore the saved dtypes after it."""
         super().load_state_dict(state_dict)
@@ -260,6 +300,11 @@ class MuonQ(torch.optim.Optimizer):
                 for key, value in state_dict["state"].get(saved_id, {}).items():
                     if torch.is_tensor(value) and self.state[p][key].dtype != value.dtype:
                         self.state[p][key] = value.to(device=self.state[p][key].device, copy=True)
+        from .distributed import engine_for
+
+        engine = engine_for(self)
+        if hasattr(engine, "localize"):  # DDP state sharding: keep only this rank's part
+            engine.localize(self)
 
 
 _QMAPS: dict[str, torch.Tensor] = {}

@@ -1,0 +1,410 @@
+"""MuonQ under DeepSpeed ZeRO stages 1 and 2: Newton-Schulz on whole matrices recovered from flat partitions.
+
+Under ZeRO 1/2 DeepSpeed replaces every param group's ``params`` by one flat 1-D fp32 partition per rank and
+calls the client optimizer's ``step()`` once per group, on the reduced, unscaled and clipped gradient of that
+partition. A Muon matrix may straddle partitions. ``DeepSpeedMuonQ`` keeps the matrix structure this way:
+
+1. Each Muon matrix has an owner rank (round robin over the matrices). The owner receives the matrix's whole
+   reduced gradient: every rank writes the elements of its partition into a zero buffer at the matrix's
+   offsets and the buffers are summed onto the owner (``dist.reduce``; exactly one rank holds each element, so
+   the sum is exact).
+2. The owner runs the pure ``muonq_update`` on it: the packed 4-bit momentum of that matrix lives only on its
+   owner, so MuonQ's state is partitioned across ranks by whole matrices; NS5 runs once per matrix in the world.
+3. The owner broadcasts the orthogonalized update; each rank applies the elementwise part (decoupled weight
+   decay, ``- lr * 0.2 sqrt(max(m, n)) * U``) to its own fp32 master fragment.
+
+AdamW groups are elementwise and run on the flat partitions directly. DeepSpeed calls ``step()`` only at the
+gradient-accumulation boundary, so NS5 runs once per optimizer step, never per micro-batch.
+
+Why not DeepSpeed's native Muon path (0.18+, ``MuonWithAuxAdam``)? It runs the Muon update inside
+``stage_1_and_2.py``'s gradient flattening, gated by ``p.use_muon`` and by the optimizer class name; the
+surrounding code (momentum staging, split-matrix all-reduce, the offload path, loss-scale bookkeeping) has been
+rewritten release after release and keeps an fp32 flat momentum that a 4-bit codec cannot plug into. The design
+here uses only two things that every ZeRO 1/2 release since 0.10 keeps stable: the client-optimizer contract
+above, and each parameter's ``_hp_mapping`` (``lp_fragment_address``/``hp_fragment_address``: where the part of
+a parameter held by this rank sits in the parameter and in the flat partition), the mapping that backs
+DeepSpeed's public ``deepspeed.utils.safe_get_full_grad``/``safe_get_full_fp32_param`` and universal
+checkpoints. We never set ``p.use_muon``; ``DeepSpeedMuonQ`` refuses parameters that carry it, since DeepSpeed
+would then run its own Muon on them first (its name test, ``'muon' in class name``, matches ``MuonQ``).
+The native path's record also shows why a separate, tested path is worth it: it silently ran no Newton-Schulz at
+ZeRO stage 0 (deepspeedai/DeepSpeed#8441) and under ``zero.Init`` at stage 3 (#8438), and its routing by
+``p.ndim >= 2`` minus name keywords gives GPT-2's ``wte``/``wpe`` to Muon; MuonQ's routing stays in its groups.
+
+Anything else stops at start-up (``check_deepspeed_config``, ``verify_engine``): ZeRO 0 and 3, fp16, optimizer
+or parameter offload (Accelerate would swap the optimizer for DeepSpeed's CPU Adam), a DeepSpeed ``optimizer``
+section, elastic or universal checkpoints, round-robin gradients, ZenFlow, ``adamw_bits=8``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .optimizer import MuonQ, layout_of, muonq_update
+from .orthogonalize import muon_scale
+
+SUPPORTED_STAGES = (1, 2)
+_STATE_PREFIX = "m"  # Muon state of the matrix with index i is stored under "m{i}.{key}" in the flat state
+
+
+class DeepSpeedConfigError(ValueError):
+    """A DeepSpeed setting MuonQ does not support; the message names it and the supported alternatives."""
+
+
+def _get(config: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def _enabled(section: Any) -> bool:
+    if isinstance(section, Mapping):
+        return section.get("enabled", False) in (True, "true", "True")  # "auto" stays off until resolved
+    return False
+
+
+def check_deepspeed_config(config: Mapping[str, Any]) -> None:
+    """Raise ``DeepSpeedConfigError`` for every DeepSpeed setting under which MuonQ cannot run as itself.
+
+    Supported: ZeRO stage 1 or 2, bf16 or fp32, no offload, rigid (default) checkpoints. ``config`` is the
+    DeepSpeed config dict (as in ``ds_config.json``); ``"auto"`` values are accepted where they cannot select
+    an unsupported mode.
+    """
+    stage = _get(config, "zero_optimization.stage", 0)
+    if stage not in SUPPORTED_STAGES:
+        hint = (
+            "ZeRO-3 partitions each parameter and its gradient, which MuonQ does not reassemble yet"
+            if stage == 3
+            else "without ZeRO, use plain DDP (torchrun) or FSDP2 instead of DeepSpeed"
+        )
+        raise DeepSpeedConfigError(
+            f"MuonQ under DeepSpeed: zero_optimization.stage={stage!r} is not supported; use stage 1 or 2 ({hint})"
+        )
+    if _enabled(config.get("fp16")):
+        raise DeepSpeedConfigError(
+            "MuonQ under DeepSpeed: fp16.enabled=true is not supported (dynamic loss scaling); "
+            "use bf16.enabled=true or fp32 (no fp16/bf16 section)"
+        )
+    for key in ("offload_optimizer", "offload_param"):
+        device = _get(config, f"zero_optimization.{key}.device", "none")
+        if device not in (None, "none"):
+            raise DeepSpeedConfigError(
+                f"MuonQ under DeepSpeed: zero_optimization.{key}.device={device!r} is not supported (with optimizer "
+                "offload DeepSpeed/Accelerate replace the client optimizer by DeepSpeed's CPU Adam); remove the "
+                f"{key} section or set its device to 'none'"
+            )
+    if "optimizer" in config:
+        name = _get(config, "optimizer.type")
+        raise DeepSpeedConfigError(
+            f"MuonQ under DeepSpeed: the config has an 'optimizer' section (type={name!r}), so DeepSpeed would "
+            "build its own optimizer instead of MuonQ; remove the section and pass MuonQ as the client optimizer "
+            "(Trainer: --optim muonq)"
+        )
+    for dotted, hint in (
+        ("zero_optimization.elastic_checkpoint", "its merged flat state cannot hold per-matrix packed state"),
+        ("zero_optimization.round_robin_gradients", "MuonQ needs DeepSpeed's plain parameter order"),
+        ("checkpoint.load_universal", "universal checkpoints know only flat optimizer state"),
+    ):
+        if _get(config, dotted, False) in (True, "true", "True"):
+            raise DeepSpeedConfigError(
+                f"MuonQ under DeepSpeed: {dotted}=true is not supported ({hint}); set it to false"
+            )
+    if _get(config, "zero_optimization.zenflow") is not None:
+        raise DeepSpeedConfigError(
+            "MuonQ under DeepSpeed: zero_optimization.zenflow is not supported (it runs its own CPU optimizer); "
+            "remove the zenflow section"
+        )
+
+
+def _muon_attr_params(params: Iterable[torch.Tensor]) -> list[tuple[int, ...]]:
+    return [tuple(p.shape) for p in params if getattr(p, "use_muon", False)]
+
+
+class DeepSpeedMuonQ(MuonQ):
+    """``MuonQ`` that runs as the client optimizer of DeepSpeed ZeRO 1/2 (see the module docstring).
+
+    Built exactly like ``MuonQ`` (same param groups and options). Before DeepSpeed takes the parameters it
+    records, per group, weak references to them and their position in the optimizer, which fixes each
+    matrix's index (its first-step seed, as in single-process MuonQ) and owner rank. Outside ZeRO (param
+    groups still hold the real parameters) it is plain ``MuonQ``. ``ns_calls`` counts matrices orthogonalized
+    on this rank.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], lr: float = 0.02, **options: Any) -> None:
+        super().__init__(params, lr, **options)
+        bad = _muon_attr_params(p for g in self.param_groups for p in g["params"])
+        if bad:
+            raise ValueError(
+                f"DeepSpeedMuonQ: {len(bad)} parameter(s) carry use_muon=True (shapes {bad[:3]}...): DeepSpeed's "
+                "native Muon would orthogonalize their gradients before MuonQ sees them. Delete the attribute "
+                "(routing lives in MuonQ's param groups: muonq_hf.param_groups(model))"
+            )
+        if getattr(self, "ddp_shard_state", False):
+            raise ValueError(
+                "DeepSpeedMuonQ: ddp_shard_state=True is for DDP; under ZeRO the packed state is already partitioned "
+                "by matrix across ranks: drop ddp_shard_state"
+            )
+        for group in self.param_groups:
+            if group["adamw_bits"] != 32 and not group["use_muon"]:
+                raise ValueError(
+                    f"DeepSpeedMuonQ: adamw_bits={group['adamw_bits']} is not supported under DeepSpeed ZeRO (the "
+                    "AdamW part runs on flat partitions); use adamw_bits=32"
+                )
+        self._lp_refs = [[weakref.ref(p) for p in g["params"]] for g in self.param_groups]
+        self._index_base = [0]
+        for refs in self._lp_refs:
+            self._index_base.append(self._index_base[-1] + len(refs))
+        self._refresh_group_ids()
+        self.ns_calls = 0
+
+    def _refresh_group_ids(self) -> None:
+        self._group_ids = {id(g): i for i, g in enumerate(self.param_groups)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._refresh_group_ids()  # torch's loader builds new group dicts
+        params = [ref() for refs in self._lp_refs for ref in refs if ref() is not None]
+        world = dist.get_world_size(_dp_group(params)) if dist.is_initialized() else 1
+        for state in self.state.values():
+            saved = state.get("zero_world_size")
+            if saved is not None and int(saved) != world:
+                raise RuntimeError(
+                    f"DeepSpeedMuonQ: this checkpoint was written with a data-parallel world size of {int(saved)}, "
+                    f"now it is {world}: MuonQ's packed momentum is owned per matrix by one rank, so resume with "
+                    f"{int(saved)} ranks"
+                )
+
+    # ------------------------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        if not self._under_zero():
+            return super().step(closure)
+        if closure is not None:
+            raise ValueError("DeepSpeedMuonQ under ZeRO: DeepSpeed does not pass a closure; call engine.step()")
+        for group in self.param_groups:  # DeepSpeed narrows param_groups to one group per call
+            self._zero_group_step(group)
+        return None
+
+    def _under_zero(self) -> bool:
+        """True when ZeRO has replaced each (visible) group's parameters by one flat partition of its own."""
+        for group in self.param_groups:
+            index = self._group_ids.get(id(group))
+            if index is None or len(group["params"]) != 1:
+                return False
+            flat = group["params"][0]
+            if flat.ndim != 1 or any(ref() is flat for ref in self._lp_refs[index]):
+                return False  # a real 1-D parameter (bias, norm) of a plain, non-ZeRO run
+        return bool(self.param_groups)
+
+    def _lp_params(self, index: int) -> list[torch.Tensor]:
+        params = [ref() for ref in self._lp_refs[index]]
+        if any(p is None for p in params):
+            raise RuntimeError(
+                "DeepSpeedMuonQ: a parameter of the model was freed or replaced after the optimizer was built; "
+                "build the optimizer on the model that is passed to deepspeed.initialize"
+            )
+        if any(hasattr(p, "ds_id") for p in params):
+            raise DeepSpeedConfigError(
+                "MuonQ under DeepSpeed: zero_optimization.stage=3 is not supported; use stage 1 or 2"
+            )
+        return params
+
+    def _zero_group_step(self, group: dict) -> None:
+        index = self._group_ids.get(id(group))
+        if index is None:
+            raise RuntimeError("DeepSpeedMuonQ: a param group was added after DeepSpeed took the optimizer")
+        flat = group["params"][0]  # (partition_size,) fp32 master partition of this rank
+        if flat.grad is None:
+            return
+        params = self._lp_params(index)
+        if not self._grad_finite(flat.grad, params):
+            if self.nonfinite == "error":
+                raise FloatingPointError(
+                    "MuonQ: non-finite gradient (inf or nan) found before the step of a param group; this group was "
+                    "not changed. Lower the lr, enable gradient clipping, or pass nonfinite='skip'"
+                )
+            self.skipped_steps += 1
+            return
+        if group["use_muon"]:
+            self._zero_muon_step(flat, group, index, params)
+        else:
+            self._adamw_step(flat, group)  # elementwise: the flat partition is as good as the parameters
+        self.state[flat]["zero_world_size"] = dist.get_world_size(_dp_group(params))
+
+    @staticmethod
+    def _grad_finite(grad: torch.Tensor, params: list[torch.Tensor]) -> bool:
+        bad = torch.tensor([0.0 if bool(torch.isfinite(grad).all()) else 1.0])
+        dist.all_reduce(bad, group=_dp_group(params))  # every rank takes the same branch
+        return bad.item() == 0
+
+    def _zero_muon_step(self, flat: torch.Tensor, group: dict, index: int, params: list[torch.Tensor]) -> None:
+        pg = _dp_group(params)
+        world, rank = dist.get_world_size(pg), dist.get_rank(pg)
+        matrices = [(self._index_base[index] + j, p) for j, p in enumerate(params) if p.requires_grad]
+        state = self.state[flat]
+        for owner in range(world):
+            owned = [(i, p) for i, p in matrices if i % world == owner]
+            if not owned:
+                continue
+            offsets = _offsets([p.numel() for _, p in owned])
+            buf = torch.zeros(offsets[-1], dtype=torch.float32, device=flat.device)  # whole gradients, concatenated
+            for (_, p), start in zip(owned, offsets, strict=False):
+                for lp_slice, hp_slice in _fragment(p):
+                    buf[start + lp_slice.start : start + lp_slice.stop] = flat.grad[hp_slice]
+            dist.reduce(buf, dst=_global_rank(pg, owner), group=pg)
+            if rank == owner:  # buf now holds this owner's whole gradients; reuse it for the updates
+                for (i, p), start in zip(owned, offsets, strict=False):
+                    layout = layout_of(p, group)
+                    G = layout.to_pieces(buf[start : start + p.numel()].view(layout.m, layout.n))  # (k, mp, np)
+                    mstate = _substate(state, i)
+                    U = muonq_update(G, mstate, group, layout, i)  # (k, mp, np)
+                    _store_substate(state, i, mstate)
+                    buf[start : start + p.numel()] = layout.to_rows(U).reshape(-1)
+                    self.ns_calls += 1
+            dist.broadcast(buf, src=_global_rank(pg, owner), group=pg)
+            for (_, p), start in zip(owned, offsets, strict=False):
+                alpha = -group["lr"] * muon_scale(*layout_of(p, group).piece_shape)
+                for lp_slice, hp_slice in _fragment(p):
+                    master = flat[hp_slice]  # view of this rank's fp32 master weights
+                    master.mul_(1 - group["lr"] * group["weight_decay"])  # same elementwise ops as MuonQ._muon_step
+                    master.add_(buf[start + lp_slice.start : start + lp_slice.stop], alpha=alpha)
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    out = [0]
+    for s in sizes:
+        out.append(out[-1] + s)
+    return out
+
+
+def _fragment(p: torch.Tensor) -> list[tuple[slice, slice]]:
+    """(slice of the flattened parameter, slice of the flat partition) held by this rank; [] if none."""
+    mapping = getattr(p, "_hp_mapping", None)
+    if mapping is None:
+        return []
+    lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+    return [(slice(lp.start, lp.start + lp.numel), slice(hp.start, hp.start + hp.numel))]
+
+
+def _dp_group(params: list[torch.Tensor]) -> Any:
+    return getattr(params[0], "_dp_group", None) if params else None
+
+
+def _global_rank(group: Any, rank: int) -> int:
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
+def _substate(state: dict, index: int) -> dict:
+    prefix = f"{_STATE_PREFIX}{index}."
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _store_substate(state: dict, index: int, sub: dict) -> None:
+    prefix = f"{_STATE_PREFIX}{index}."
+    for k in [k for k in state if k.startswith(prefix)]:
+        del state[k]
+    for k, v in sub.items():
+        state[prefix + k] = v
+
+
+def verify_engine(engine: Any) -> DeepSpeedMuonQ:
+    """Check that the optimizer DeepSpeed will step is our ``DeepSpeedMuonQ`` under ZeRO 1/2; return it.
+
+    Catches what a config check cannot: Accelerate swapping the client optimizer (offload), a DeepSpeed-built
+    optimizer, or a plain ``MuonQ`` that would see flat partitions.
+    """
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    zero = getattr(engine, "optimizer", None)
+    stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else None
+    if not isinstance(zero, DeepSpeedZeroOptimizer) or stage not in SUPPORTED_STAGES:
+        raise DeepSpeedConfigError(
+            f"MuonQ under DeepSpeed: the engine runs {type(zero).__name__} at zero_optimization.stage={stage!r}; "
+            "MuonQ supports ZeRO stage 1 or 2 (DeepSpeedZeroOptimizer)"
+        )
+    client = zero.optimizer
+    if not isinstance(client, DeepSpeedMuonQ):
+        raise DeepSpeedConfigError(
+            f"MuonQ under DeepSpeed: the optimizer DeepSpeed steps is {type(client).__name__}, not DeepSpeedMuonQ "
+            "(optimizer offload swaps it for DeepSpeedCPUAdam; a plain MuonQ cannot read flat partitions); build "
+            "muonq_hf.deepspeed.DeepSpeedMuonQ and keep zero_optimization.offload_optimizer off"
+        )
+    return client
+
+
+def deepspeed_config_of(args: Any = None) -> dict | None:
+    """The DeepSpeed config a Trainer run will use, or None without DeepSpeed.
+
+    From ``TrainingArguments`` (``--deepspeed``: its resolved ``hf_deepspeed_config``, a dict or a JSON path),
+    else from ``accelerate launch`` with a DeepSpeed config (the ``ACCELERATE_*`` environment it sets).
+    """
+    import json
+    import os
+
+    source = getattr(args, "deepspeed", None)
+    if source:
+        resolved = getattr(args, "hf_deepspeed_config", None)
+        if resolved is not None:
+            return dict(resolved.config)
+        if isinstance(source, Mapping):
+            return dict(source)
+        with open(source) as f:
+            return json.load(f)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return None
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if path and path != "none":
+        with open(path) as f:
+            return json.load(f)
+    stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+    zero: dict[str, Any] = {"stage": stage}
+    for key, env in (("offload_optimizer", "OFFLOAD_OPTIMIZER"), ("offload_param", "OFFLOAD_PARAM")):
+        zero[key] = {"device": os.environ.get(f"ACCELERATE_DEEPSPEED_{env}_DEVICE", "none")}
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    return {"zero_optimization": zero, **({precision: {"enabled": True}} if precision in ("fp16", "bf16") else {})}
+
+
+def trainer_optimizer_cls(args: Any = None) -> type[MuonQ]:
+    """The class ``--optim muonq`` builds: ``DeepSpeedMuonQ`` under DeepSpeed (after ``check_deepspeed_config``,
+    so an unsupported setting stops the run before training), else ``MuonQ``."""
+    config = deepspeed_config_of(args)
+    if config is None:
+        return MuonQ
+    check_deepspeed_config(config)
+    return DeepSpeedMuonQ
+
+
+def initialize(
+    model: torch.nn.Module, optimizer: DeepSpeedMuonQ, config: Mapping[str, Any], **kwargs: Any
+) -> tuple[Any, ...]:
+    """``deepspeed.initialize`` with MuonQ's start-up checks before and after it; same return value."""
+    import deepspeed
+
+    if not isinstance(optimizer, DeepSpeedMuonQ):
+        raise TypeError(
+            f"muonq_hf.deepspeed.initialize needs a DeepSpeedMuonQ, got {type(optimizer).__name__}; build it like "
+            "MuonQ: DeepSpeedMuonQ(muonq_hf.param_groups(model), lr=...)"
+        )
+    check_deepspeed_config(config)
+    config = {**config, "zero_allow_untested_optimizer": True}  # DeepSpeed's gate for any client optimizer
+    out = deepspeed.initialize(model=model, optimizer=optimizer, config=config, **kwargs)
+    verify_engine(out[0])
+    return out
+
+
+__all__ = [
+    "DeepSpeedConfigError",
+    "DeepSpeedMuonQ",
+    "check_deepspeed_config",
+    "deepspeed_config_of",
+    "initialize",
+    "trainer_optimizer_cls",
+    "verify_engine",
+]

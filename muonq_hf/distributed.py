@@ -1,0 +1,464 @@
+"""Distributed MuonQ: FSDP2 row-sharded state with distributed Newton-Schulz, and DDP whole-matrix sharding.
+
+FSDP2 (``fully_shard``: parameters are DTensors ``Shard(0)`` on a 1-D mesh). Each rank keeps the state of
+its own rows only (SPEC section 5): the residual codes and P are DTensors with the parameter's mesh and
+placements (built with the global shape, so uneven and empty shards work), the per-matrix scales and R are
+plain tensors, identical on every rank. The momentum step runs on the local rows with all-reduced norms,
+Gram matrices, R and absmax (``muonq_update`` with ``row_sum``/``row_max``). Newton-Schulz needs the whole
+matrix: matrices are processed in rounds of ``world_size``; in a round, matrix i is gathered on rank i (in the
+NS dtype: bf16 on accelerators, fp32 on CPU), orthogonalized there and its rows are scattered back. Each NS
+runs once in the world, the ranks work in parallel, and a rank holds at most one full matrix at a time.
+
+Fused pieces (``qkv_split``) of any ``split_dim`` are handled by padding: the local rows of each piece are
+laid out as (k, L, w) with zero rows (zero codes) where a rank holds fewer rows of a piece; zero rows add
+nothing to any norm, Gram matrix, R or absmax, and are dropped again before the state is stored.
+With round-to-nearest (the default) the codes equal the single-process ones up to fp32 reduction-order noise.
+With ``stochastic_rounding`` each rank draws the noise for its padded local block from the same keyed
+generator, so the codes are unbiased but not the single-process bits.
+
+DDP (``MuonQ(..., ddp_shard_state=True)`` with plain, replicated parameters): ZeRO-1. Each Muon matrix is owned
+whole by one rank (greedy balance of state bytes, identical on every rank): only the owner keeps its state and
+computes its update, then broadcasts the new weights. AdamW tensors are elementwise, so they are split by rows
+like FSDP's Shard(0) instead (one embedding would otherwise dominate a rank). ``state_dict()`` is collective
+(every rank must call it, as ``torch.distributed.checkpoint`` does) and returns the full state on every rank;
+``load_state_dict`` keeps this rank's part, so a checkpoint loads on any number of ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from .optimizer import MatrixLayout, layout_of, muon_scale, muonq_update
+from .orthogonalize import ns_dtype_for, zeropower_via_newtonschulz5
+
+if TYPE_CHECKING:
+    from .optimizer import MuonQ
+
+try:
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # torch built without distributed support
+    DTensor = Shard = None  # type: ignore[assignment,misc]
+
+# State entries laid out like the parameter's rows (sharded with it); everything else is replicated.
+ROW_KEYS = frozenset({"res_codes", "P_codes", "res", "P"})
+ZERO_CODE = {4: 0x88, 8: 0}  # the byte of two 4-bit zero codes / one 8-bit zero code
+
+
+def is_dtensor(t: Any) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def is_row_sharded(key: str, value: torch.Tensor) -> bool:
+    """Whether a Muon state entry is row-aligned with W: codes, P, and block-wise residual scales (m, nb)."""
+    return key in ROW_KEYS or (key == "res_scale" and value.ndim == 2)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if is_dtensor(t) else t
+
+
+# ------------------------------------------------------------------------------------------- refusals
+def check_parameter(p: torch.Tensor) -> None:
+    """Refuse layouts the row-sharded state cannot follow: FSDP1 flat parameters, TP and multi-dim meshes."""
+    if getattr(p, "_is_flat_param", False) or type(p).__name__ == "FlatParameter":
+        raise ValueError(
+            "MuonQ does not support FSDP1 (FullyShardedDataParallel flat parameters): Newton-Schulz needs each "
+            "weight matrix, which a flat parameter hides. Use FSDP2 (torch.distributed.fsdp.fully_shard; in "
+            "Accelerate fsdp_version: 2, see examples/accelerate/fsdp2.yaml)"
+        )
+    if not is_dtensor(p):
+        return
+    if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+        raise ValueError(
+            f"MuonQ supports DTensor parameters sharded on dim 0 over a 1-D mesh (FSDP2 fully_shard), got "
+            f"placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh for a parameter of shape "
+            f"{tuple(p.shape)}: tensor-parallel (Shard(d>0), Replicate) and HSDP layouts are not supported. "
+            "Use FSDP2 fully_shard on a 1-D mesh, or plain DDP (optionally MuonQ(ddp_shard_state=True))"
+        )
+
+
+def check_fsdp_plugin(fsdp_plugin: Any) -> None:
+    """Refuse an Accelerate FSDP plugin that is not FSDP2 (MuonQ needs FSDP2's per-parameter DTensors)."""
+    version = getattr(fsdp_plugin, "fsdp_version", 1)
+    if fsdp_plugin is not None and version != 2:
+        raise _fsdp1_error(version)
+
+
+def _fsdp1_error(version: Any) -> ValueError:
+    return ValueError(
+        f"MuonQ needs FSDP2, got fsdp_version={version!r}: FSDP1 flattens parameters, which hides the weight "
+        "matrices that Newton-Schulz orthogonalizes. Set fsdp_version: 2 in the Accelerate config (see "
+        "examples/accelerate/fsdp2.yaml), or fsdp_config={'version': 2} for the Trainer (its default)"
+    )
+
+
+def check_model(model: Any) -> None:
+    """Refuse a model wrapped by FSDP1 (FullyShardedDataParallel): with ``use_orig_params`` its parameters are
+    1-D shard views, which would silently route every matrix to AdamW."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:
+        return
+    modules = model.modules() if hasattr(model, "modules") else []
+    if any(isinstance(m, FullyShardedDataParallel) for m in modules):
+        raise _fsdp1_error(1)
+
+
+# -------------------------------------------------------------------------------------------- rows
+def row_ranges(m: int, world: int) -> list[tuple[int, int]]:
+    """(start, count) of the rows of each rank under Shard(0) (torch.chunk: ceil(m/world) rows, the rest empty)."""
+    chunk = -(-m // world) if m else 0
+    return [(min(r * chunk, m), max(0, min((r + 1) * chunk, m) - min(r * chunk, m))) for r in range(world)]
+
+
+def _all_reduce(op: Any, group: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        t = t.contiguous()  # the inputs are fresh temporaries: reducing in place is safe
+        dist.all_reduce(t, op=op, group=group)
+        return t
+
+    return reduce
+
+
+@dataclass
+class RowShard:
+    """The rows [start, start + count) of an (m, n) matrix view that this rank holds, as padded pieces."""
+
+    layout: MatrixLayout
+    start: int
+    count: int
+    chunk: int  # rows per rank in FSDP's padded layout, ceil(m / world)
+
+    @property
+    def piece_rows(self) -> list[tuple[int, int]]:
+        """Local row range [lo, hi) (in local row numbering) of each piece; all rows for split_dim=1."""
+        lay = self.layout
+        if lay.split_dim == 1 or lay.k == 1:
+            return [(0, self.count)] * lay.k
+        mp, end = lay.m // lay.k, self.start + self.count
+        ranges = []
+        for j in range(lay.k):  # piece j is rows [j*mp, (j+1)*mp) of the matrix
+            lo = min(max(self.start, j * mp), end)
+            hi = max(lo, min(end, (j + 1) * mp))
+            ranges.append((lo - self.start, hi - self.start))
+        return ranges
+
+    @property
+    def padded_rows(self) -> int:
+        """L, the rows per piece of the padded local view (>= 1 so that empty shards still reduce)."""
+        return max(1, max(hi - lo for lo, hi in self.piece_rows))
+
+    def pad(self, rows: torch.Tensor, fill: float) -> torch.Tensor:
+        """Local row layout (count, k*w or w) -> padded pieces (k, L, w)."""
+        lay, L = self.layout, self.padded_rows
+        if lay.split_dim == 1 or lay.k == 1:
+            pieces = lay.to_pieces(rows)  # (k, count, w)
+            out = pieces.new_full((lay.k, L, pieces.size(-1)), fill)
+            out[:, : self.count] = pieces
+            return out
+        out = rows.new_full((lay.k, L, rows.size(-1)), fill)
+        for j, (lo, hi) in enumerate(self.piece_rows):
+            out[j, : hi - lo] = rows[lo:hi]
+        return out
+
+    def unpad(self, pieces: torch.Tensor) -> torch.Tensor:
+        """Padded pieces (k, L, w) -> local row layout (count, ...)."""
+        lay = self.layout
+        if lay.split_dim == 1 or lay.k == 1:
+            return lay.to_rows(pieces[:, : self.count])
+        return torch.cat([pieces[j, : hi - lo] for j, (lo, hi) in enumerate(self.piece_rows)])
+
+
+def _fill(key: str, group: dict) -> float:
+    if key.endswith("_codes"):
+        return float(ZERO_CODE[group["bits"]])
+    return 1.0 if key.endswith("_scale") else 0.0  # block scales of padding rows are never used
+
+
+def _wrap_rows(local: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A local row shard -> DTensor with p's mesh and placements and the global shape (m, *local.shape[1:])."""
+    shape = (p.shape[0], *local.shape[1:])
+    stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
+    return DTensor.from_local(
+        local.contiguous(), p.device_mesh, p.placements, run_check=False, shape=torch.Size(shape), stride=stride
+    )
+
+
+def _local_rows(value: torch.Tensor, start: int, count: int, m: int) -> torch.Tensor:
+    """The local rows of a row-sharded state entry: its DTensor shard, or a slice of a full plain tensor."""
+    if is_dtensor(value):
+        return value.to_local()
+    return value[start : start + count] if value.size(0) == m else value
+
+
+# ------------------------------------------------------------------------------------------ FSDP2
+@dataclass
+class _Pending:
+    p: torch.Tensor
+    group: dict
+    layout: MatrixLayout
+    shard: RowShard
+    U: torch.Tensor  # (count, n) local rows of the NS input, in the NS dtype
+
+
+class FSDPEngine:
+    """One MuonQ step over DTensor (FSDP2) parameters; plain parameters in the same optimizer take the local path."""
+
+    def step(self, opt: MuonQ) -> None:
+        pending: list[_Pending] = []
+        for index, group, p in opt._indexed_params():
+            if p.grad is None:
+                continue
+            check_parameter(p)
+            if not is_dtensor(p):
+                opt._muon_step(p, group, index) if group["use_muon"] else opt._adamw_step(p, group)
+                continue
+            if not group["use_muon"]:
+                self._adamw(opt, p, group)
+                continue
+            if pending and pending[0].p.device_mesh != p.device_mesh:
+                self._orthogonalize_and_apply(pending)
+                pending = []
+            pending.append(self._momentum(opt, p, group, index))
+            if len(pending) == p.device_mesh.size():
+                self._orthogonalize_and_apply(pending)
+                pending = []
+        if pending:
+            self._orthogonalize_and_apply(pending)
+
+    @staticmethod
+    def _adamw(opt: MuonQ, p: torch.Tensor, group: dict) -> None:
+        """AdamW is elementwise: run it on the local shard; every state tensor but the step count is row-sharded."""
+        from .optimizer import ADAMW_8BIT_MIN_NUMEL
+
+        state = opt.state[p]
+        start, count = row_ranges(p.shape[0], p.device_mesh.size())[p.device_mesh.get_local_rank()]
+        local = {k: _local_rows(v, start, count, p.shape[0]) if v.ndim else v for k, v in state.items()}
+        quantized = group["adamw_bits"] == 8 and p.ndim >= 2 and p.numel() >= ADAMW_8BIT_MIN_NUMEL  # global numel
+        opt._adamw_step(p.to_local(), group, grad=p.grad.to_local(), state=local, quantized=quantized)
+        for key, value in local.items():
+            state[key] = _wrap_rows(value, p) if value.ndim else value
+
+    @staticmethod
+    def _momentum(opt: MuonQ, p: torch.Tensor, group: dict, index: int) -> _Pending:
+        mesh = p.device_mesh
+        pg, world = mesh.get_group(), mesh.size()
+        layout = layout_of(p, group)  # global (m, n): the rank r and the pieces are those of the whole matrix
+        start, count = row_ranges(layout.m, world)[mesh.get_local_rank()]
+        shard = RowShard(layout, start, count, -(-layout.m // world))
+        state = opt.state[p]
+        padded: dict[str, Any] = {}
+        for key, value in state.items():
+            if is_row_sharded(key, value):
+                rows = _local_rows(value, start, count, layout.m)
+                padded[key] = layout.to_rows(shard.pad(rows, _fill(key, group)))
+            else:
+                padded[key] = value
+        G = shard.pad(p.grad.to_local().reshape(count, layout.n).float(), 0.0)  # (k, L, np)
+        U_in = muonq_update(
+            G,
+            padded,
+            group,
+            layout,
+            index,
+            row_sum=_all_reduce(dist.ReduceOp.SUM, pg),
+            row_max=_all_reduce(dist.ReduceOp.MAX, pg),
+            orthogonalize=lambda X: X,  # deferred: NS runs once, on the owner rank of this matrix
+        )  # (k, L, np)
+        for key, value in padded.items():
+            if is_row_sharded(key, value):
+                state[key] = _wrap_rows(shard.unpad(layout.to_pieces(value)), p)
+            else:
+                state[key] = value
+        U = shard.unpad(U_in).to(ns_dtype_for(p.device))  # (count, n)
+        return _Pending(p, group, layout, shard, U)
+
+    @staticmethod
+    def _orthogonalize_and_apply(pending: list[_Pending]) -> None:
+        """Round of <= world matrices: matrix i is gathered on rank i, orthogonalized, and scattered back."""
+        mesh = pending[0].p.device_mesh
+        pg, world, rank = mesh.get_group(), mesh.size(), mesh.get_local_rank()
+        works, gathered = [], None
+        for i, item in enumerate(pending):
+            send = item.U.new_zeros(item.shard.chunk, item.layout.n)  # (chunk, n): FSDP's padded row block
+            send[: item.shard.count] = item.U
+            bufs = [torch.empty_like(send) for _ in range(world)] if rank == i else None
+            if rank == i:
+                gathered = bufs
+            works.append(dist.gather(send, bufs, dst=dist.get_global_rank(pg, i), group=pg, async_op=True))
+        for w in works:
+            w.wait()
+        chunks = None
+        if rank < len(pending):
+            item = pending[rank]
+            full = torch.cat(gathered)[: item.layout.m]  # (m, n): the whole NS input, on its owner only
+            U = zeropower_via_newtonschulz5(item.layout.to_pieces(full), item.group["ns_steps"])  # (k, mp, np)
+            rows = U.new_zeros(world * item.shard.chunk, item.layout.n)
+            rows[: item.layout.m] = item.layout.to_rows(U)
+            chunks = list(rows.chunk(world))
+            del full, gathered
+        works, received = [], []
+        for i, item in enumerate(pending):
+            recv = item.U.new_empty(item.shard.chunk, item.layout.n)
+            received.append(recv)
+            src = dist.get_global_rank(pg, i)
+            works.append(dist.scatter(recv, chunks if rank == i else None, src=src, group=pg, async_op=True))
+        for w in works:
+            w.wait()
+        for item, recv in zip(pending, received, strict=True):
+            p, group = item.p, item.group
+            local = p.to_local()  # shares storage with p: in-place updates change the parameter
+            mp, np_ = item.layout.piece_shape
+            update = recv[: item.shard.count].float().reshape(local.shape).to(p.dtype)
+            local.mul_(1 - group["lr"] * group["weight_decay"])
+            local.add_(update, alpha=-group["lr"] * muon_scale(mp, np_))
+
+
+def grads_finite(grads: Iterable[torch.Tensor]) -> bool:
+    """All gradients finite on every rank (local shards checked, then an all-reduce so all ranks agree)."""
+    grads = list(grads)
+    ok = torch.stack([torch.isfinite(_local(g)).all() for g in grads]).all().to(torch.int32).reshape(1)
+    group = next((g.device_mesh.get_group() for g in grads if is_dtensor(g)), None)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
+    return bool(ok.item())
+
+
+# ------------------------------------------------------------------------------------ DDP sharding
+class DDPShardEngine:
+    """ZeRO-1 under DDP: Muon matrices are owned whole by one rank each (the owner keeps the quantized state, runs
+    the MuonQ step and broadcasts the new weights); AdamW tensors, being elementwise, are split by rows like
+    FSDP's Shard(0) (each rank keeps the moments of its rows, updates them, and broadcasts them). Both give the
+    same bits as the replicated optimizer."""
+
+    def __init__(self, group: Any = None) -> None:
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    def _src(self, r: int) -> int:
+        return dist.get_global_rank(self.group if self.group is not None else dist.group.WORLD, r)
+
+    def owners(self, opt: MuonQ) -> list[int | None]:
+        """Owner rank of each Muon parameter (None for row-split AdamW parameters): largest state first to the
+        least loaded rank, identical on every rank."""
+        entries = list(opt._indexed_params())
+        load, owner = [0.0] * self.world, [None] * len(entries)
+        muon = [i for i, (_, group, _) in enumerate(entries) if group["use_muon"] or entries[i][2].ndim == 0]
+        costs = {i: _state_cost(entries[i][2], entries[i][1]) for i in muon}
+        for i in sorted(muon, key=lambda i: (-costs[i], i)):
+            r = min(range(self.world), key=lambda r: (load[r], r))
+            owner[i] = r
+            load[r] += costs[i]
+        return owner
+
+    def _rows(self, p: torch.Tensor) -> tuple[int, int]:
+        return row_ranges(p.shape[0], self.world)[self.rank]
+
+    def step(self, opt: MuonQ) -> None:
+        from .optimizer import ADAMW_8BIT_MIN_NUMEL
+
+        owner = self.owners(opt)
+        works = []
+        for index, group, p in opt._indexed_params():
+            if p.grad is None:  # DDP reduces every gradient: the same params have grads on every rank
+                continue
+            if owner[index] is not None:
+                if owner[index] == self.rank:
+                    opt._muon_step(p, group, index) if group["use_muon"] else opt._adamw_step(p, group)
+                works.append(dist.broadcast(p.data, src=self._src(owner[index]), group=self.group, async_op=True))
+                continue
+            start, count = self._rows(p)
+            if count:
+                quantized = group["adamw_bits"] == 8 and p.ndim >= 2 and p.numel() >= ADAMW_8BIT_MIN_NUMEL
+                rows = slice(start, start + count)
+                opt._adamw_step(p.data[rows], group, grad=p.grad[rows], state=opt.state[p], quantized=quantized)
+            for r, (start_r, count_r) in enumerate(row_ranges(p.shape[0], self.world)):
+                if count_r:  # rows of a contiguous tensor: a contiguous view, filled in place by the broadcast
+                    view = p.data[start_r : start_r + count_r]
+                    works.append(dist.broadcast(view, src=self._src(r), group=self.group, async_op=True))
+        for w in works:
+            w.wait()
+
+    @contextmanager
+    def gathered(self, opt: MuonQ) -> Iterator[None]:
+        """Temporarily give every rank the full state (collective); this rank's own part is restored afterwards.
+
+        Tensors are gathered through CPU pickles (device-free); Muon states come whole from their owners, AdamW
+        states are concatenated from the row parts (the step count is the same on every rank)."""
+        owner = self.owners(opt)
+        params = [p for _, _, p in opt._indexed_params()]
+        mine = {
+            i: {k: v.cpu() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
+            for i, p in enumerate(params)
+            if opt.state.get(p) and owner[i] in (None, self.rank)  # state is a defaultdict: skip empty entries
+        }
+        parts: list[dict] = [None] * self.world  # type: ignore[list-item]
+        dist.all_gather_object(parts, mine, group=self.group)
+        saved = {p: opt.state[p] for p in params if p in opt.state}
+        for i, p in enumerate(params):
+            pieces = [part[i] for part in parts if i in part]
+            if not pieces:
+                continue
+            if owner[i] is not None:
+                full = pieces[0]
+            else:
+                full = {k: torch.cat([x[k] for x in pieces]) if v.ndim else v for k, v in pieces[0].items()}
+            opt.state[p] = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in full.items()}
+        try:
+            yield
+        finally:
+            for p in params:
+                opt.state.pop(p, None)
+                if p in saved:
+                    opt.state[p] = saved[p]
+
+    def localize(self, opt: MuonQ) -> None:
+        """After a full load: drop the Muon states owned elsewhere and keep this rank's rows of AdamW states."""
+        owner = self.owners(opt)
+        for i, (_, _, p) in enumerate(opt._indexed_params()):
+            if owner[i] is not None:
+                if owner[i] != self.rank:
+                    opt.state.pop(p, None)
+            elif p in opt.state:
+                start, count = self._rows(p)
+                if count == 0:
+                    opt.state.pop(p)
+                    continue
+                opt.state[p] = {
+                    k: v[start : start + count].clone() if torch.is_tensor(v) and v.ndim else v
+                    for k, v in opt.state[p].items()
+                }
+
+
+def _state_cost(p: torch.Tensor, group: dict) -> float:
+    """Approximate state bytes of a parameter, to balance whole-tensor ownership across ranks."""
+    if group["use_muon"]:
+        return p.numel() * (4.0 if group["bits"] == 32 else group["bits"] / 8 * 1.125)  # codes + ~r/n of factors
+    return p.numel() * (2.0 if group["adamw_bits"] == 8 and p.ndim >= 2 else 8.0)
+
+
+def engine_for(opt: MuonQ) -> FSDPEngine | DDPShardEngine | None:
+    """The distributed engine this optimizer needs now: FSDP2 if any parameter is a DTensor, DDP sharding if
+    requested in a multi-rank world, else None (the single-process path)."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for p in params:
+        check_parameter(p)
+    if any(is_dtensor(p) for p in params):
+        if getattr(opt, "ddp_shard_state", False):
+            raise ValueError(
+                "MuonQ: ddp_shard_state=True is for DDP (replicated parameters); under FSDP2 the state is already "
+                "row-sharded with the parameters: drop ddp_shard_state"
+            )
+        return FSDPEngine()
+    if getattr(opt, "ddp_shard_state", False) and dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            return DDPShardEngine()
+    return None

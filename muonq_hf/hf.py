@@ -1,0 +1,319 @@
+"""Hugging Face integration: ``--optim muonq`` for ``TrainingArguments``, ``HfArgumentParser`` and ``Trainer``.
+
+``import muonq_hf`` calls :func:`register`, which is cheap: it does not import transformers. It installs
+post-import hooks that patch transformers the moment the relevant modules load (or at once if they already
+have):
+
+* ``transformers.training_args``: adds ``OptimizerNames.MUONQ = "muonq"`` to the enum, so
+  ``TrainingArguments(optim="muonq")`` validates, pickles (``training_args.bin``) and round-trips through JSON,
+  and ``HfArgumentParser`` offers it as a choice (choices are read from the enum when a parser is built).
+* transformers >= 5.2 (feature-detected: ``transformers.trainer_optimizer._OPTIMIZER_HANDLERS`` exists):
+  adds :func:`muonq_handler` to that table.
+* older 4.x (no handler table): wraps the static ``Trainer.get_optimizer_cls_and_kwargs`` so that ``muonq``
+  is answered here and every other name goes to the original method.
+
+Every step is idempotent and checks what it finds: a name already taken by transformers is never replaced.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import sys
+import threading
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from .grouping import param_groups
+from .optimizer import ADAMW_DEFAULTS, MUON_DEFAULTS, MuonQ
+
+OPTIM_NAME = "muonq"
+ENUM_NAME = "MUONQ"
+
+# --optim_args keys: every MuonQ option that TrainingArguments does not already own, with its type.
+# lr, betas, eps and weight_decay come from --learning_rate, --adam_beta1/2, --adam_epsilon, --weight_decay;
+# qkv_split/split_dim are per-parameter and set by param_groups (split_qkv switches that off).
+_TYPES: dict[str, str] = {
+    "momentum": "float",
+    "nesterov": "bool",
+    "ns_steps": "int",
+    "bits": "int",
+    "normalize": "bool",
+    "rank_divisor": "int",
+    "mu": "float",
+    "block_size": "int|none",
+    "stochastic_rounding": "bool",
+    "store_norm": "bool",
+    "adamw_bits": "int",
+    "adamw_lr": "float|none",
+    "seed": "int",
+    "nonfinite": "str",
+    "split_qkv": "bool",
+}
+OPTIM_ARGS_DEFAULTS: dict[str, Any] = {
+    **{k: v for k, v in MUON_DEFAULTS.items() if k in _TYPES},
+    **{k: v for k, v in ADAMW_DEFAULTS.items() if k in _TYPES},
+    "seed": None,  # None: TrainingArguments.seed
+    "nonfinite": "error",
+    "split_qkv": True,
+}
+assert set(OPTIM_ARGS_DEFAULTS) == set(_TYPES), "every --optim_args key needs a type and a default"
+_OWNED_BY_TRAINING_ARGS = {
+    "lr": "--learning_rate",
+    "betas": "--adam_beta1 / --adam_beta2",
+    "eps": "--adam_epsilon",
+    "weight_decay": "--weight_decay",
+}
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+# ------------------------------------------------------------------------------------------ optim_args
+def _cast(key: str, text: str) -> Any:
+    kind = _TYPES[key]
+    low = text.strip().lower()
+    if kind.endswith("|none") and low == "none":
+        return None
+    try:
+        if kind == "bool":
+            if low in _TRUE or low in _FALSE:
+                return low in _TRUE
+            raise ValueError
+        if kind.startswith("int"):
+            return int(text)
+        if kind.startswith("float"):
+            return float(text)
+    except ValueError:
+        expected = {"bool": "true/false (or 1/0, yes/no)", "int": "an integer", "float": "a number"}
+        detail = expected[kind.split("|")[0]] + (" or none" if kind.endswith("|none") else "")
+        raise ValueError(f"--optim_args: {key}={text!r} is not valid; {key} must be {detail}") from None
+    return text.strip()
+
+
+def parse_optim_args(optim_args: str | None) -> dict[str, Any]:
+    """Parse ``--optim_args "bits=4,rank_divisor=16"`` into typed MuonQ options.
+
+    Values are cast to the option's type (bool: true/false/1/0/yes/no; ``none`` for optional values). Unknown
+    or repeated keys raise ValueError naming the key and listing the allowed ones; keys that TrainingArguments
+    owns (lr, betas, eps, weight_decay) point to the flag to use instead. Ranges are checked by MuonQ.
+    """
+    options: dict[str, Any] = {}
+    if not optim_args or not optim_args.strip():
+        return options
+    for item in optim_args.split(","):
+        if not item.strip():
+            continue
+        if "=" not in item:
+            raise ValueError(f"--optim_args: {item.strip()!r} is not key=value; expected e.g. 'bits=4,rank_divisor=16'")
+        key, value = (s.strip() for s in item.split("=", 1))
+        if key in _OWNED_BY_TRAINING_ARGS:
+            raise ValueError(
+                f"--optim_args: {key!r} is set by the TrainingArguments flag {_OWNED_BY_TRAINING_ARGS[key]}, "
+                "not by --optim_args"
+            )
+        if key not in _TYPES:
+            raise ValueError(f"--optim_args: unknown MuonQ option {key!r}; allowed: {', '.join(sorted(_TYPES))}")
+        if key in options:
+            raise ValueError(f"--optim_args: option {key!r} is given twice")
+        options[key] = _cast(key, value)
+    return options
+
+
+# ------------------------------------------------------------------------------------- building MuonQ
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under DDP/compile wrappers: param_groups needs its module names and embedding getters."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model)
+
+
+def _no_decay_names(model: torch.nn.Module) -> set[str]:
+    """Parameter names the Trainer exempts from weight decay (biases, norms), from the Trainer's own rule."""
+    from transformers import Trainer
+
+    # get_decay_parameter_names does not use `self` (checked on 4.57 and 5.x): the single source of the rule.
+    decay = set(Trainer.get_decay_parameter_names(None, model))
+    return {name for name, _ in model.named_parameters() if name not in decay}
+
+
+def optimizer_cls_and_kwargs(args: Any, model: torch.nn.Module | None) -> tuple[type[MuonQ], dict[str, Any]]:
+    """``(MuonQ, kwargs)`` for a Trainer, from TrainingArguments and ``--optim_args``.
+
+    ``kwargs["params"]`` holds the Muon/AdamW param groups of the unwrapped model (the Trainer uses them in
+    place of its own two groups). The Trainer's no-decay names (biases, norms) get no weight decay.
+    """
+    if model is None:
+        raise ValueError("--optim muonq needs the model to split its parameters into Muon and AdamW groups")
+    from .distributed import check_model
+
+    check_model(model)  # refuses FSDP1, whose 1-D shard views would silently route every matrix to AdamW
+    options = parse_optim_args(getattr(args, "optim_args", None))
+    split_qkv = options.pop("split_qkv", True)
+    if options.get("seed") is None:
+        options["seed"] = int(args.seed)
+    model = _unwrap(model)
+    groups = param_groups(
+        model, weight_decay=args.weight_decay, split_qkv=split_qkv, no_decay_names=_no_decay_names(model)
+    )
+    kwargs = dict(
+        params=groups,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        weight_decay=args.weight_decay,
+        **options,
+    )
+    from .deepspeed import trainer_optimizer_cls  # DeepSpeedMuonQ under --deepspeed; refuses unsupported configs
+
+    return trainer_optimizer_cls(args), kwargs
+
+
+def muonq_handler(ctx: Any) -> tuple[type[MuonQ], dict[str, Any]]:
+    """Handler for transformers >= 5.2's ``_OPTIMIZER_HANDLERS`` table (ctx: ``OptimizerContext``)."""
+    return optimizer_cls_and_kwargs(ctx.args, ctx.model)
+
+
+# ------------------------------------------------------------------------------------------ registration
+def _add_enum_member(enum_cls: type, name: str, value: str) -> None:
+    """Add ``name = value`` to a str-valued Enum in place (what ``aenum.extend_enum`` does), idempotently."""
+    existing = enum_cls._value2member_map_.get(value)
+    if existing is not None:
+        if existing._name_ != name:
+            raise RuntimeError(f"{enum_cls.__name__} already has {value!r} as {existing._name_}; not replacing it")
+        return
+    if name in enum_cls._member_map_:
+        raise RuntimeError(f"{enum_cls.__name__}.{name} already exists with another value; not replacing it")
+    member = str.__new__(enum_cls, value)
+    member._name_, member._value_ = name, value
+    member.__objclass__ = enum_cls
+    enum_cls._member_map_[name] = member
+    enum_cls._value2member_map_[value] = member
+    enum_cls._member_names_.append(name)
+    type.__setattr__(enum_cls, name, member)  # EnumType.__setattr__ refuses to bind member names
+
+
+def _patch_training_args(module: ModuleType) -> None:
+    _add_enum_member(module.OptimizerNames, ENUM_NAME, OPTIM_NAME)
+
+
+def _patch_handler_table(module: ModuleType) -> None:
+    table = getattr(module, "_OPTIMIZER_HANDLERS", None)
+    if not isinstance(table, dict):
+        return  # no handler table in this version: the Trainer patch below takes over
+    handler = table.get(OPTIM_NAME)
+    if handler is not None and handler is not muonq_handler:
+        raise RuntimeError(f"transformers already has an optimizer handler for {OPTIM_NAME!r}; not replacing it")
+    table[module.OptimizerNames(OPTIM_NAME)] = muonq_handler
+
+
+def _has_handler_table() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("transformers.trainer_optimizer") is None:
+        return False
+    import transformers.trainer_optimizer as trainer_optimizer
+
+    return isinstance(getattr(trainer_optimizer, "_OPTIMIZER_HANDLERS", None), dict)
+
+
+def _patch_trainer(module: ModuleType) -> None:
+    """transformers 4.x: answer ``muonq`` in ``Trainer.get_optimizer_cls_and_kwargs``, delegate the rest."""
+    trainer_cls = module.Trainer
+    if _has_handler_table() or getattr(trainer_cls.get_optimizer_cls_and_kwargs, "_muonq_patched", False):
+        return
+    original = trainer_cls.get_optimizer_cls_and_kwargs  # a staticmethod: plain function on attribute access
+
+    def get_optimizer_cls_and_kwargs(args: Any, model: Any = None) -> tuple[Any, Any]:
+        if args.optim == OPTIM_NAME:
+            return optimizer_cls_and_kwargs(args, model)
+        return original(args, model)
+
+    get_optimizer_cls_and_kwargs._muonq_patched = True  # type: ignore[attr-defined]
+    get_optimizer_cls_and_kwargs.__doc__ = original.__doc__
+    trainer_cls.get_optimizer_cls_and_kwargs = staticmethod(get_optimizer_cls_and_kwargs)
+
+
+class _CallbackLoader(importlib.abc.Loader):
+    """Runs the callbacks waiting for a module right after the wrapped loader has executed it."""
+
+    def __init__(self, loader: importlib.abc.Loader, name: str, hooks: _PostImportHooks) -> None:
+        self._loader, self._name, self._hooks = loader, name, hooks
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._loader.exec_module(module)
+        # popped only now: importlib.util.find_spec() also calls find_spec without loading the module
+        for callback in self._hooks.pending.pop(self._name, []):
+            callback(module)
+
+    def __getattr__(self, name: str) -> Any:  # get_source, is_package, ... for inspect and linecache
+        return getattr(self._loader, name)
+
+
+class _PostImportHooks(importlib.abc.MetaPathFinder):
+    """A meta-path finder that only wraps the loaders of the modules it waits for; it finds nothing itself."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, list[Callable[[ModuleType], None]]] = {}
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in self.pending:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        spec.loader = _CallbackLoader(spec.loader, fullname, self)
+        return spec
+
+
+_HOOKS = _PostImportHooks()
+_LOCK = threading.Lock()
+_REGISTERED = False
+
+
+def _when_imported(name: str, callback: Callable[[ModuleType], None]) -> None:
+    module = sys.modules.get(name)
+    if module is not None:
+        callback(module)
+        return
+    _HOOKS.pending.setdefault(name, []).append(callback)
+    if _HOOKS not in sys.meta_path:
+        sys.meta_path.insert(0, _HOOKS)
+
+
+def register() -> None:
+    """Make ``muonq`` a Trainer optimizer; idempotent, imports nothing from transformers by itself."""
+    global _REGISTERED
+    with _LOCK:
+        if _REGISTERED:
+            return
+        _REGISTERED = True
+        _when_imported("transformers.training_args", _patch_training_args)
+        _when_imported("transformers.trainer_optimizer", _patch_handler_table)
+        _when_imported("transformers.trainer", _patch_trainer)
+
+
+def is_registered() -> bool:
+    """True once ``muonq`` is in ``OptimizerNames`` and the Trainer can build it (imports transformers)."""
+    from transformers.training_args import OptimizerNames
+
+    if OPTIM_NAME not in OptimizerNames._value2member_map_:
+        return False
+    if _has_handler_table():
+        from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS
+
+        return _OPTIMIZER_HANDLERS.get(OPTIM_NAME) is muonq_handler
+    from transformers import Trainer
+
+    return getattr(Trainer.get_optimizer_cls_and_kwargs, "_muonq_patched", False)

@@ -1,0 +1,187 @@
+"""DDP worker (torchrun --nproc_per_node 2) for tests/test_ddp_sharded.py: MuonQ(ddp_shard_state=True), ZeRO-1 by
+whole tensors, against replicated MuonQ under DDP and against one process; checkpoints 2 -> 2, 1 -> 2 and the
+2-rank half of 2 -> 1. Rank 0 writes results.json into --out.
+
+Usage: torchrun --nproc_per_node 2 tests/scripts/ddp_worker.py --out DIR --ckpt1 DIR_OF_1_PROCESS_CHECKPOINT
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from fsdp_common import full_state, make_model, make_optimizer, max_rel_diff, momenta, train, weights
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import muonq_hf.distributed as mdist
+from muonq_hf import state_bytes
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=True)
+SHARDED = StateDictOptions(full_state_dict=False)
+STEPS, HALF = 6, 3
+
+
+def ddp(config: str, shard: bool, seed: int = 0):
+    model = DDP(make_model(seed))
+    return model, make_optimizer(model.module, config, ddp_shard_state=shard)
+
+
+def _gathered(opt):
+    engine = mdist.engine_for(opt)
+    return engine.gathered(opt) if isinstance(engine, mdist.DDPShardEngine) else contextlib.nullcontext()
+
+
+def all_momenta(opt) -> dict:
+    """Dequantized momenta of every matrix, borrowed from their owners (collective)."""
+    with _gathered(opt):
+        return momenta(opt)
+
+
+def all_state(opt) -> dict:
+    with _gathered(opt):
+        return full_state(opt)
+
+
+def layout_ok(opt, rank: int, world: int) -> bool:
+    """Muon states on their owner only; AdamW states hold exactly this rank's rows."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    ok = True
+    for owner, p in zip(mdist.DDPShardEngine().owners(opt), params, strict=True):
+        if owner is not None:
+            ok &= bool(opt.state.get(p)) == (owner == rank)
+        else:
+            count = mdist.row_ranges(p.shape[0], world)[rank][1]
+            ok &= all(v.shape[0] == count for v in opt.state.get(p, {}).values() if v.ndim)
+    return bool(ok)
+
+
+def equal(a: dict, b: dict) -> bool:
+    def eq(x, y):
+        if isinstance(x, dict):
+            return x.keys() == y.keys() and all(eq(x[k], y[k]) for k in x)
+        return torch.equal(x, y)
+
+    return eq(a, b)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--ckpt1", required=True)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    res: dict = {}
+
+    for config in ("muonq", "muon32"):
+        ref_model = make_model()
+        ref_opt = make_optimizer(ref_model, config)
+        ref_losses = train(ref_model, ref_opt, range(STEPS))
+        rep_model, rep_opt = ddp(config, shard=False)
+        rep_losses = train(rep_model, rep_opt, range(STEPS), rank, world)
+        model, opt = ddp(config, shard=True)
+        losses = train(model, opt, range(STEPS), rank, world)
+        owned = sum(1 for g in opt.param_groups if g["use_muon"] for p in g["params"] if p in opt.state)
+        counts = torch.tensor([owned])
+        dist.all_reduce(counts)
+        ok = torch.tensor([int(layout_ok(opt, rank, world))])
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        res[config] = {
+            "ref_losses": ref_losses,
+            "losses": losses,
+            "sharded_equals_replicated": losses == rep_losses
+            and equal(weights(model.module), weights(rep_model.module))
+            and equal(all_state(opt), full_state(rep_opt)),
+            "weights_rel_diff": max_rel_diff(weights(model.module), weights(ref_model)),
+            "momentum_rel_diff": max_rel_diff(all_momenta(opt), momenta(ref_opt)),
+            "state_bytes_sharded": state_bytes(opt)["total"],
+            "state_bytes_replicated": state_bytes(rep_opt)["total"],
+            "owned_muon_total": int(counts),
+            "n_muon": sum(len(g["params"]) for g in opt.param_groups if g["use_muon"]),
+            "n_params": sum(len(g["params"]) for g in opt.param_groups),
+            "layout_ok": bool(int(ok)),
+        }
+        sizes = torch.tensor([state_bytes(opt)["total"]])
+        parts = [torch.zeros_like(sizes) for _ in range(world)]
+        dist.all_gather(parts, sizes)
+        res[config]["state_bytes_sharded_ranks"] = [int(x) for x in parts]
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    model, opt = ddp("muonq", shard=True)
+    train(model, opt, range(HALF), rank, world)
+    sharded_dir = os.path.join(args.out, "ckpt2_sharded")
+    dcp.save(
+        {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt, options=SHARDED)},
+        checkpoint_id=sharded_dir,
+    )
+    full_osd = get_optimizer_state_dict(model, opt, options=FULL)
+    plain_osd = opt.state_dict()  # collective: the full state on every rank (torch.save-able)
+    mid = all_momenta(opt)
+    if rank == 0:
+        torch.save({"optim": full_osd, "plain": plain_osd}, os.path.join(args.out, "ckpt2_full.pt"))
+        torch.save(mid, os.path.join(args.out, "ckpt2_momenta.pt"))
+    train(model, opt, range(HALF, STEPS), rank, world)
+    final_w, final_s = weights(model.module), all_state(opt)
+    dist.barrier()
+
+    for kind in ("sharded", "full", "plain"):
+        model, opt = ddp("muonq", shard=True, seed=1)
+        if kind == "sharded":
+            sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt, options=SHARDED)}
+            dcp.load(sd, checkpoint_id=sharded_dir)
+            set_model_state_dict(model, sd["model"])
+            before = weights(model.module)
+            set_optimizer_state_dict(model, opt, sd["optim"], options=SHARDED)
+        else:
+            saved = torch.load(os.path.join(args.out, "ckpt2_full.pt"), weights_only=True)
+            dcp_sd = {"model": get_model_state_dict(model)}
+            dcp.load(dcp_sd, checkpoint_id=sharded_dir)
+            set_model_state_dict(model, dcp_sd["model"])
+            before = weights(model.module)
+            if kind == "full":
+                set_optimizer_state_dict(model, opt, saved["optim"] if rank == 0 else {}, options=FULL)
+            else:
+                opt.load_state_dict(saved["plain"])
+        res[f"fake_step_keeps_weights_{kind}"] = equal(weights(model.module), before)
+        res[f"state_is_sharded_after_load_{kind}"] = layout_ok(opt, rank, world)
+        res[f"resume_momenta_exact_{kind}"] = equal(all_momenta(opt), mid)
+        train(model, opt, range(HALF, STEPS), rank, world)
+        res[f"resume_2to2_weights_exact_{kind}"] = equal(weights(model.module), final_w)
+        res[f"resume_2to2_state_exact_{kind}"] = equal(all_state(opt), final_s)
+
+    # 1 -> 2
+    model, opt = ddp("muonq", shard=True, seed=1)
+    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt, options=SHARDED)}
+    dcp.load(sd, checkpoint_id=args.ckpt1)
+    set_model_state_dict(model, sd["model"])
+    set_optimizer_state_dict(model, opt, sd["optim"], options=SHARDED)
+    ref1 = torch.load(args.ckpt1 + "_momenta.pt", weights_only=True)
+    res["resume_1to2_momenta_exact"] = equal(all_momenta(opt), ref1)
+    train(model, opt, range(HALF, STEPS), rank, world)
+    ref_model = make_model()
+    ref_opt = make_optimizer(ref_model, "muonq")
+    train(ref_model, ref_opt, range(STEPS))
+    res["resume_1to2_weights_rel_diff"] = max_rel_diff(weights(model.module), weights(ref_model))
+
+    if rank == 0:
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(res, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

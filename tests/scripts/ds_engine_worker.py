@@ -1,0 +1,229 @@
+"""2-rank DeepSpeed ZeRO worker for tests/test_deepspeed.py (launched by torchrun, gloo on CPU).
+
+For each ZeRO stage it trains a tiny GPT-2 (fused-QKV Conv1D, tied embeddings, norms, biases) with
+DeepSpeedMuonQ and writes to $DS_OUT (rank 0: full fp32 weights via DeepSpeed's public safe_get_full_fp32_param,
+per-rank counters and the packed state of each rank) what the test compares with a single-process MuonQ.
+Scenarios (argv[1], comma separated):
+  fp32   identical batches on both ranks: the reduced gradient equals the single-process one exactly.
+  split  each rank gets half of the batch (bits=32): the reduction only reorders fp32 sums.
+  bf16   bf16 model with fp32 master weights, identical batches.
+  resume save at step K through engine.save_checkpoint, load into a fresh engine, continue to N.
+  plain  a plain MuonQ handed to deepspeed.initialize: the first step must refuse, not train.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import deepspeed  # noqa: E402
+import deepspeed.ops  # noqa: E402
+
+# The CPU backend JIT-builds a shared-memory all-reduce kernel with ninja (minutes on 2 cores). gloo does the
+# same collectives; the kernel is a speed-up only. Tests skip it unless MUONQ_DS_SHM=1 (measured once).
+if os.environ.get("MUONQ_DS_SHM") != "1":
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+
+from muonq_hf import MuonQ, param_groups  # noqa: E402
+from muonq_hf.deepspeed import DeepSpeedMuonQ, initialize, verify_engine  # noqa: E402
+from muonq_hf.optimizer import layout_of  # noqa: E402
+from muonq_hf.orthogonalize import muon_scale  # noqa: E402
+
+STEPS, RESUME_AT, BATCH, SEQ, VOCAB = 4, 2, 4, 16, 96
+OPTIONS = dict(lr=0.02, weight_decay=0.1, seed=3)
+
+
+def make_model(dtype: torch.dtype = torch.float32) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=40, n_layer=2, n_head=4, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config).to(dtype)
+
+
+def batch(step: int, micro: int, half: int | None) -> torch.Tensor:
+    """The step's (micro-)batch; ``half`` picks this rank's rows of it (None: all rows, on every rank)."""
+    g = torch.Generator().manual_seed(1000 * step + micro)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+    return ids if half is None else ids.chunk(2)[half]
+
+
+def ds_config(stage: int, bf16: bool, gas: int, micro: int) -> dict:
+    config = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": gas,
+        "zero_optimization": {"stage": stage, "reduce_bucket_size": 2000, "allgather_bucket_size": 2000},
+        "steps_per_print": 10**9,
+        "gradient_clipping": 0.0,  # DeepSpeed defaults to 1.0; the single-process reference does not clip
+    }
+    if bf16:
+        config["bf16"] = {"enabled": True}
+    return config
+
+
+def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: safe_get_full_fp32_param(p).clone() for n, p in model.named_parameters()}
+
+
+def train_ds(engine, start: int, stop: int, gas: int, half: int | None, dtype: torch.dtype) -> list[float]:
+    losses = []
+    for step in range(start, stop):
+        for micro in range(gas):
+            ids = batch(step, micro, half)
+            loss = engine(input_ids=ids, labels=ids).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+    return losses
+
+
+def reference(scenario: str) -> dict[str, torch.Tensor]:
+    """Single-process MuonQ on the same data; for bf16, on fp32 master copies of a bf16 model (as ZeRO does)."""
+    bf16 = scenario == "bf16"
+    gas = 2 if scenario == "fp32" else 1
+    model = make_model(torch.bfloat16 if bf16 else torch.float32)
+    master = copy.deepcopy(model).float() if bf16 else model  # ZeRO's master: the bf16 weights, upcast
+    extra = dict(bits=32) if scenario == "split" else {}
+    opt = MuonQ(param_groups(master), **OPTIONS, **extra)
+    for step in range(STEPS):
+        for micro in range(gas):
+            ids = batch(step, micro, None)
+            (model(input_ids=ids, labels=ids).loss / gas).backward()
+        if bf16:
+            for p, q in zip(master.parameters(), model.parameters(), strict=True):
+                p.grad = q.grad.float()
+        opt.step()
+        model.zero_grad(set_to_none=True)
+        master.zero_grad(set_to_none=True)
+        if bf16:
+            with torch.no_grad():
+                for p, q in zip(master.parameters(), model.parameters(), strict=True):
+                    q.copy_(p)
+    return {n: p.detach().clone() for n, p in master.named_parameters()}
+
+
+def update_singular_values(opt, before: dict, after: dict, model) -> dict[str, list[float]]:
+    """Singular values (all pieces, descending) of each Muon matrix's first applied update
+    U = (W0 (1 - lr wd) - W1) / (lr 0.2 sqrt(max(m, n)))."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = {}
+    for g, refs in zip(opt.param_groups, opt._lp_refs, strict=True):
+        if not g["use_muon"]:
+            continue
+        for ref in refs:
+            p = ref()
+            name = names[id(p)]
+            layout = layout_of(p, g)
+            decayed = before[name] * (1 - g["lr"] * g["weight_decay"])
+            U = (decayed - after[name]).reshape(layout.m, layout.n) / (g["lr"] * muon_scale(*layout.piece_shape))
+            sv = torch.linalg.svdvals(layout.to_pieces(U).double())
+            out[name] = sv.flatten().sort(descending=True).values.tolist()
+    return out
+
+
+def packed_summary(opt: DeepSpeedMuonQ) -> dict:
+    """Names, dtypes and shapes of every state tensor of this rank (what its checkpoint file holds)."""
+    out = {}
+    for g, group in enumerate(opt.param_groups):
+        for key, value in opt.state[group["params"][0]].items():
+            if torch.is_tensor(value):
+                out[f"g{g}.{key}"] = [str(value.dtype), list(value.shape)]
+    return out
+
+
+def run(scenario: str, stage: int, rank: int, out: dict, tmp: str) -> None:
+    bf16 = scenario == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    gas = 2 if scenario == "fp32" else 1  # gradient accumulation: NS must run once per optimizer step
+    half = rank if scenario == "split" else None
+    extra = dict(bits=32) if scenario == "split" else {}
+    model = make_model(dtype)
+    micro = BATCH // 2 if half is not None else BATCH
+    key = f"{scenario}/stage{stage}"
+    if scenario == "plain":
+        opt = MuonQ(param_groups(model), **OPTIONS)
+        config = {**ds_config(stage, False, 1, BATCH), "zero_allow_untested_optimizer": True}
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+        out[key] = {"error": None, "verify": None}
+        try:
+            verify_engine(engine)
+        except Exception as exc:  # the test checks the type and the message
+            out[key]["verify"] = f"{type(exc).__name__}: {exc}"
+        try:
+            train_ds(engine, 0, 1, 1, None, dtype)
+        except Exception as exc:
+            out[key]["error"] = f"{type(exc).__name__}: {exc}"
+        return
+    opt = DeepSpeedMuonQ(param_groups(model), **OPTIONS, **extra)
+    engine, *_ = initialize(model, opt, ds_config(stage, bf16, gas, micro))
+    assert engine.optimizer.optimizer is opt
+    stop = RESUME_AT if scenario == "resume" else STEPS
+    before = full_weights(model)
+    losses = train_ds(engine, 0, 1, gas, half, dtype)
+    first_update = update_singular_values(opt, before, full_weights(model), model)
+    losses += train_ds(engine, 1, stop, gas, half, dtype)
+    result = {"losses": losses, "ns_calls": opt.ns_calls, "packed": packed_summary(opt), "sv": first_update}
+    if scenario == "resume":
+        ckpt = os.path.join(tmp, f"ckpt{stage}")
+        engine.save_checkpoint(ckpt, tag="k")
+        files = sorted(os.listdir(os.path.join(ckpt, "k")))
+        saved = torch.load(os.path.join(ckpt, "k", f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"),
+                           weights_only=False)
+        base = saved["optimizer_state_dict"]["base_optimizer_state"]["state"]
+        result["saved"] = {
+            f"{g}.{k}": str(v.dtype) for g, s in base.items() for k, v in s.items() if torch.is_tensor(v)
+        }
+        result["files"] = files
+        train_ds(engine, RESUME_AT, STEPS, gas, half, dtype)
+        straight = full_weights(model)
+        model2 = make_model(dtype)
+        opt2 = DeepSpeedMuonQ(param_groups(model2), **OPTIONS, **extra)
+        engine2, *_ = initialize(model2, opt2, ds_config(stage, bf16, gas, micro))
+        engine2.load_checkpoint(ckpt, tag="k")
+        train_ds(engine2, RESUME_AT, STEPS, gas, half, dtype)
+        resumed = full_weights(model2)
+        result["resume_max_diff"] = max((straight[n] - resumed[n]).abs().max().item() for n in straight)
+        result["state_equal"] = all(
+            torch.equal(a, b) if torch.is_tensor(a) else a == b
+            for g1, g2 in zip(opt.param_groups, opt2.param_groups, strict=True)
+            for (k1, a), (k2, b) in zip(
+                sorted(opt.state[g1["params"][0]].items()), sorted(opt2.state[g2["params"][0]].items()), strict=True
+            )
+        )
+    weights = full_weights(model)
+    if rank == 0:
+        torch.save(weights, os.path.join(os.environ["DS_OUT"], f"{scenario}_stage{stage}.pt"))
+    out[key] = result
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = torch.distributed.get_rank()
+    out: dict = {}
+    stages = [int(s) for s in os.environ.get("DS_STAGES", "1,2").split(",")]
+    if rank == 0:
+        torch.save(dict(make_model().named_parameters()), os.path.join(os.environ["DS_OUT"], "init.pt"))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = [tmp]
+        torch.distributed.broadcast_object_list(tmp, src=0)  # one checkpoint directory for both ranks
+        for scenario in sys.argv[1].split(","):
+            if rank == 0 and scenario in ("fp32", "split", "bf16"):
+                torch.save(reference(scenario), os.path.join(os.environ["DS_OUT"], f"{scenario}_reference.pt"))
+            for stage in stages:
+                run(scenario, stage, rank, out, tmp[0])
+        torch.distributed.barrier()
+    with open(os.path.join(os.environ["DS_OUT"], f"rank{rank}.json"), "w") as f:
+        json.dump(out, f)
+
+
+if __name__ == "__main__":
+    main()

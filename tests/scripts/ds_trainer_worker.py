@@ -1,0 +1,90 @@
+"""2-rank HF Trainer + DeepSpeed ZeRO worker (torchrun, gloo on CPU) for tests/test_deepspeed.py.
+
+For each DeepSpeed config in argv (examples/deepspeed/*.json): ``--optim muonq --deepspeed <config> --bf16``
+trains a tiny GPT-2 for 4 steps (2 micro-batches each) saving at step 2, then resumes a fresh Trainer from
+checkpoint-2. Writes $DS_OUT/trainer_stage{s}_rank{r}.json: the optimizer classes along the chain, the
+distributed type, NS calls, and whether the resumed weights equal the uninterrupted ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+import muonq_hf  # noqa: E402, F401, I001  (registers --optim muonq before transformers is imported)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import accelerate_ds_fixture  # noqa: E402
+
+accelerate_ds_fixture.install()
+
+import deepspeed.ops  # noqa: E402
+
+if os.environ.get("MUONQ_DS_SHM") != "1":  # see ds_engine_worker.py: gloo instead of the JIT-built kernel
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+from datasets import Dataset  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
+
+VOCAB, SEQ = 96, 16
+
+
+def model() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=40, n_layer=2, n_head=4))
+
+
+def data() -> Dataset:
+    ids = torch.randint(0, VOCAB, (64, SEQ), generator=torch.Generator().manual_seed(0))
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+
+
+def trainer(out: str, config: str, max_steps: int) -> Trainer:
+    args = TrainingArguments(
+        output_dir=out, optim="muonq", deepspeed=config, bf16=True, max_steps=max_steps, learning_rate=0.02,
+        per_device_train_batch_size=2, gradient_accumulation_steps=2, save_steps=2, save_strategy="steps",
+        logging_steps=1, report_to="none", seed=0, data_seed=0, lr_scheduler_type="constant",
+        dataloader_num_workers=0, save_only_model=False,
+    )
+    return Trainer(model=model(), args=args, train_dataset=data())
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    for config in sys.argv[1:]:
+        run(config, os.environ["DS_OUT"])
+
+
+def run(config: str, out: str) -> None:
+    stage = json.loads(Path(config).read_text())["zero_optimization"]["stage"]
+    run_dir = os.path.join(out, f"trainer_stage{stage}")
+    t = trainer(run_dir, config, 4)
+    t.train()
+    chain = [type(t.optimizer).__name__, type(t.optimizer.optimizer).__name__,
+             type(t.optimizer.optimizer.optimizer).__name__]
+    client = t.optimizer.optimizer.optimizer
+    straight = {n: p.detach().float().clone() for n, p in t.model.named_parameters()}
+    result = {
+        "distributed_type": str(t.accelerator.distributed_type),
+        "deepspeed_enabled": t.is_deepspeed_enabled,
+        "chain": chain,
+        "ns_calls": client.ns_calls,
+        "zero_stage": t.model_wrapped.zero_optimization_stage(),
+        "loss": [h["loss"] for h in t.state.log_history if "loss" in h],
+    }
+    t2 = trainer(run_dir + "_resumed", config, 4)
+    t2.train(resume_from_checkpoint=os.path.join(run_dir, "checkpoint-2"))
+    resumed = {n: p.detach().float() for n, p in t2.model.named_parameters()}
+    result["resume_max_diff"] = max((straight[n] - resumed[n]).abs().max().item() for n in straight)
+    result["resumed_ns_calls"] = t2.optimizer.optimizer.optimizer.ns_calls
+    rank = torch.distributed.get_rank()
+    with open(os.path.join(out, f"trainer_stage{stage}_rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Shared by the FSDP2/DDP worker scripts and their pytest drivers: a toy model with every layout MuonQ meets
+(uneven rows 2k+1, a 1-row matrix that leaves a rank an empty shard, fused QKV pieces on both split dims,
+an embedding big enough for 8-bit AdamW, norms and biases), its param groups, data and helpers."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import torch
+from torch import nn
+
+from muonq_hf.lowrank import rank_for
+from muonq_hf.optimizer import MuonQ, _load_momentum, layout_of
+
+D, VOCAB, BATCH, SEQ = 32, 129, 8, 6  # VOCAB * D = 4128 >= 4096: the embedding takes the 8-bit AdamW path
+CONFIGS = {
+    "muonq": dict(adamw_bits=8),  # MuonQ defaults (4-bit, mu-law, low-rank split, normalization)
+    "muon32": dict(bits=32, normalize=False, rank_divisor=0, mu=0.0),  # plain fp32 Muon (SPEC section 2)
+}
+LR, WD = 0.02, 0.1
+
+
+class Toy(nn.Module):
+    """Embedding -> fused QKV (Conv1D-style (d, 3d) and Linear (3d, d)) -> LayerNorm -> MLP -> 1-output head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, D)
+        self.qkv_conv = nn.Parameter(torch.randn(D, 3 * D) / math.sqrt(D))  # (in, out): split_dim=1
+        self.qkv_lin = nn.Linear(D, 3 * D, bias=False)  # weight (3d, d): split_dim=0, pieces cut by shards
+        self.ln = nn.LayerNorm(D)
+        self.fc1 = nn.Linear(D, 2 * D + 1)  # weight (65, 32): rows = 2k + 1, uneven shards
+        self.fc2 = nn.Linear(2 * D + 1, D)  # weight (32, 65): even shards
+        self.head = nn.Linear(D, 1)  # weight (1, 32): rank 1 of 2 holds no row
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.emb(tokens)  # (B, T, d)
+        a = torch.tanh(x @ self.qkv_conv).unflatten(-1, (3, D)).sum(-2)
+        b = torch.tanh(self.qkv_lin(x)).unflatten(-1, (3, D)).sum(-2)
+        h = self.ln(x + a + b)
+        h = h + self.fc2(torch.nn.functional.gelu(self.fc1(h)))
+        return h @ self.emb.weight.T, self.head(h).squeeze(-1).mean(-1)  # tied logits (B, T, V), scalar (B,)
+
+
+def make_model(seed: int = 0) -> Toy:
+    torch.manual_seed(seed)
+    return Toy()
+
+
+def groups(model: Toy, **options) -> list[dict]:
+    muon = [model.fc1.weight, model.fc2.weight, model.head.weight]
+    no_decay = [model.ln.weight, model.ln.bias, model.fc1.bias, model.fc2.bias, model.head.bias]
+    return [
+        dict(params=muon, use_muon=True, weight_decay=WD, **options),
+        dict(params=[model.qkv_conv], use_muon=True, weight_decay=WD, qkv_split=3, split_dim=1, **options),
+        dict(params=[model.qkv_lin.weight], use_muon=True, weight_decay=WD, qkv_split=3, split_dim=0, **options),
+        dict(params=[model.emb.weight], use_muon=False, weight_decay=WD, **options),
+        dict(params=no_decay, use_muon=False, weight_decay=0.0, **options),
+    ]
+
+
+def make_optimizer(model: Toy, config: str, **kwargs) -> MuonQ:
+    return MuonQ(groups(model, **CONFIGS[config]), lr=LR, **kwargs)
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(0, VOCAB, (BATCH, SEQ), generator=g), torch.randn(BATCH, generator=g)
+
+
+def train(model: nn.Module, opt: MuonQ, steps: range, rank: int = 0, world: int = 1) -> list[float]:
+    """Each rank takes its slice of the global batch; returns the global (rank-averaged) loss per step."""
+    losses = []
+    for step in steps:
+        tokens, target = batch(step)
+        part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+        logits, value = model(tokens[part])
+        # next-token cross-entropy keeps every gradient full-rank (a lone 1-output head would make fc2's
+        # gradient rank 1, where the low-rank split is chaotic in any run); the MSE term trains the head
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[part, 1:].flatten())
+        loss = loss + torch.nn.functional.mse_loss(value, target[part])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        value = loss.detach().clone()
+        if world > 1:
+            torch.distributed.all_reduce(value)
+            value /= world
+        losses.append(float(value))
+    return losses
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def momenta(opt: MuonQ) -> dict[int, torch.Tensor]:
+    """Dequantized momentum (k, mp, np) of every Muon parameter, assembled from (possibly sharded) state."""
+    out, index = {}, 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = {k: full(v) for k, v in opt.state.get(p, {}).items()}
+            if group["use_muon"] and state:
+                layout = layout_of(p, group)
+                r = rank_for(*layout.piece_shape, group["rank_divisor"])
+                G = torch.empty(layout.k, *layout.piece_shape)
+                out[index] = _load_momentum(state, group, layout, r, G)[0]
+            index += 1
+    return out
+
+
+def full_state(opt: MuonQ) -> dict[int, dict[str, torch.Tensor]]:
+    """Every state tensor, full (DTensors gathered), keyed by parameter index."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    return {i: {k: full(v).clone() for k, v in opt.state.get(p, {}).items()} for i, p in enumerate(params)}
+
+
+def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: full(p.detach()).clone() for name, p in model.named_parameters()}
+
+
+def max_rel_diff(a: dict, b: dict) -> float:
+    """max over tensors of ||a - b||_max / (||b||_max + 1e-12)."""
+    return max(float((a[k].float() - b[k].float()).abs().max() / (b[k].float().abs().max() + 1e-12)) for k in b)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_env() -> dict[str, str]:
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    scripts = os.path.join(root, "tests", "scripts")
+    path = os.pathsep.join([root, scripts, os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}

@@ -1,0 +1,206 @@
+"""FSDP2 worker (torchrun --nproc_per_node 2): every check of tests/test_fsdp2.py that needs a 2-rank world, run in
+one world to pay the start-up once. Rank 0 writes results.json (and tensors) into --out; pytest asserts on them.
+
+Usage: torchrun --nproc_per_node 2 tests/scripts/fsdp_worker.py --out DIR --ckpt1 DIR_OF_1_PROCESS_CHECKPOINT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from fsdp_common import (
+    full_state,
+    make_model,
+    make_optimizer,
+    max_rel_diff,
+    momenta,
+    train,
+    weights,
+)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+import muonq_hf.distributed as mdist
+from muonq_hf import MuonQ, state_bytes
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=True)  # Accelerate FULL_STATE_DICT
+SHARDED = StateDictOptions(full_state_dict=False)  # Accelerate SHARDED_STATE_DICT (DCP)
+STEPS, HALF = 6, 3
+
+
+def fsdp(config: str, seed: int = 0) -> tuple[torch.nn.Module, MuonQ]:
+    model = make_model(seed)
+    fully_shard(model)
+    return model, make_optimizer(model, config)
+
+
+def same_on_all_ranks(t: torch.Tensor) -> bool:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return all(torch.equal(parts[0], x) for x in parts)
+
+
+def bitwise_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        a[i].keys() == b[i].keys() and all(torch.equal(a[i][k], b[i][k]) for k in a[i]) for i in a
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--ckpt1", required=True)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    res: dict = {"world": world}
+
+    # ---------------------------------------------------------------- 3. equivalence with one process
+    for config in ("muonq", "muon32"):
+        ref_model = make_model()
+        ref_opt = make_optimizer(ref_model, config)
+        ref_losses = train(ref_model, ref_opt, range(STEPS))
+        model, opt = fsdp(config)
+        losses = train(model, opt, range(STEPS), rank, world)
+        res[config] = {
+            "ref_losses": ref_losses,
+            "losses": losses,
+            "weights_rel_diff": max_rel_diff(weights(model), weights(ref_model)),
+            "momentum_rel_diff": max_rel_diff(momenta(opt), momenta(ref_opt)),
+        }
+        if config == "muonq":
+            # 1. sharded state: layout, replication, memory
+            layout_ok, replicated_ok, local_bytes = True, True, 0
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    for key, value in opt.state[p].items():
+                        if isinstance(value, DTensor):
+                            local_bytes += value.to_local().numel() * value.element_size()
+                            layout_ok &= value.placements == p.placements and value.device_mesh == p.device_mesh
+                            layout_ok &= value.shape[0] == p.shape[0]
+                            layout_ok &= value.to_local().shape[0] == p.to_local().shape[0]
+                        elif value.ndim:
+                            replicated_ok &= same_on_all_ranks(value)
+                            layout_ok &= group["use_muon"] and not mdist.is_row_sharded(key, value)
+            res["state_layout_ok"], res["state_replicated_ok"] = bool(layout_ok), bool(replicated_ok)
+            res["muon_bytes_rank"] = [0] * world
+            sizes = torch.tensor([state_bytes(opt)["muon"]["total"]])
+            gathered = [torch.zeros_like(sizes) for _ in range(world)]
+            dist.all_gather(gathered, sizes)
+            res["muon_bytes_rank"] = [int(x) for x in gathered]
+            res["muon_bytes_single"] = state_bytes(ref_opt)["muon"]["total"]
+            res["total_bytes_rank"] = state_bytes(opt)["total"]
+            res["total_bytes_single"] = state_bytes(ref_opt)["total"]
+
+    # Negative control: without the all-reduce of norms/Gram/R (each rank normalizes its own block) the same run
+    # must land far outside the tolerance the test uses, or the equivalence test could not fail.
+    ref_model = make_model()
+    ref_opt = make_optimizer(ref_model, "muonq")
+    train(ref_model, ref_opt, range(STEPS))
+    real = mdist._all_reduce
+    mdist._all_reduce = lambda op, group: (lambda t: t)
+    try:
+        model, opt = fsdp("muonq")
+        train(model, opt, range(STEPS), rank, world)
+    finally:
+        mdist._all_reduce = real
+    res["broken_reducer_weights_rel_diff"] = max_rel_diff(weights(model), weights(ref_model))
+
+    # ---------------------------------------------------------------- 4. checkpoints (2 -> 2, 1 -> 2, 2 -> 1)
+    model, opt = fsdp("muonq")
+    train(model, opt, range(HALF), rank, world)
+    sharded_dir = os.path.join(args.out, "ckpt2_sharded")
+    dcp.save(
+        {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt, options=SHARDED)},
+        checkpoint_id=sharded_dir,
+    )
+    full_osd = get_optimizer_state_dict(model, opt, options=FULL)
+    full_msd = get_model_state_dict(model, options=FULL)
+    if rank == 0:
+        torch.save({"model": full_msd, "optim": full_osd}, os.path.join(args.out, "ckpt2_full.pt"))
+    mid_momenta = momenta(opt)
+    if rank == 0:
+        torch.save(mid_momenta, os.path.join(args.out, "ckpt2_momenta.pt"))
+    train(model, opt, range(HALF, STEPS), rank, world)
+    final_w, final_s = weights(model), full_state(opt)
+    dist.barrier()
+
+    for kind in ("sharded", "full"):
+        model, opt = fsdp("muonq", seed=1)  # different init: everything must come from the checkpoint
+        if kind == "sharded":
+            sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt, options=SHARDED)}
+            dcp.load(sd, checkpoint_id=sharded_dir)
+            set_model_state_dict(model, sd["model"])
+            before = weights(model)
+            set_optimizer_state_dict(model, opt, sd["optim"], options=SHARDED)
+        else:
+            saved = torch.load(os.path.join(args.out, "ckpt2_full.pt"), weights_only=True) if rank == 0 else {}
+            set_model_state_dict(model, saved.get("model", {}), options=FULL)
+            before = weights(model)
+            set_optimizer_state_dict(model, opt, saved.get("optim", {}), options=FULL)
+        res[f"fake_step_keeps_weights_{kind}"] = bitwise_equal({0: weights(model)}, {0: before})
+        res[f"resume_momenta_exact_{kind}"] = bitwise_equal({0: momenta(opt)}, {0: mid_momenta})
+        train(model, opt, range(HALF, STEPS), rank, world)
+        res[f"resume_2to2_weights_exact_{kind}"] = bitwise_equal({0: weights(model)}, {0: final_w})
+        res[f"resume_2to2_state_exact_{kind}"] = bitwise_equal(full_state(opt), final_s)
+
+    # 1 -> 2: the single-process checkpoint (plain tensors) resharded onto 2 ranks
+    model, opt = fsdp("muonq", seed=1)
+    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt, options=SHARDED)}
+    dcp.load(sd, checkpoint_id=args.ckpt1)
+    set_model_state_dict(model, sd["model"])
+    set_optimizer_state_dict(model, opt, sd["optim"], options=SHARDED)
+    ref1 = torch.load(args.ckpt1 + "_momenta.pt", weights_only=True)
+    res["resume_1to2_momenta_exact"] = bitwise_equal({0: momenta(opt)}, {0: ref1})
+    train(model, opt, range(HALF, STEPS), rank, world)
+    ref_model = make_model()
+    ref_opt = make_optimizer(ref_model, "muonq")
+    train(ref_model, ref_opt, range(STEPS))
+    res["resume_1to2_weights_rel_diff"] = max_rel_diff(weights(model), weights(ref_model))
+
+    # ---------------------------------------------------------------- refusals and non-finite agreement
+    model, opt = fsdp("muonq")
+    loss = model(torch.zeros(2, 3, dtype=torch.long))[1].sum()
+    loss.backward()
+    if rank == 1:
+        model.fc1.weight.grad.to_local().fill_(float("nan"))
+    try:
+        opt.step()
+        res["nonfinite_raised"] = False
+    except FloatingPointError:
+        res["nonfinite_raised"] = True
+    flags = torch.tensor([int(res["nonfinite_raised"])])
+    dist.all_reduce(flags)
+    res["nonfinite_raised_all_ranks"] = int(flags) == world
+
+    mesh = model.fc1.weight.device_mesh
+    tp = torch.nn.Parameter(distribute_tensor(torch.randn(8, 6), mesh, [Shard(1)]))
+    tp.grad = distribute_tensor(torch.randn(8, 6), mesh, [Shard(1)])
+    try:
+        MuonQ([dict(params=[tp], use_muon=True)]).step()
+        res["tp_error"] = None
+    except ValueError as e:
+        res["tp_error"] = str(e)
+
+    if rank == 0:
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(res, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""FSDP2 (fully_shard) support: row-sharded quantized state, distributed Newton-Schulz, resharding checkpoints.
+
+One `torchrun --nproc_per_node 2` world (gloo, CPU) runs tests/scripts/fsdp_worker.py; the single-process halves
+of the resharding checks (save on 1 -> load on 2, save on 2 -> load on 1) run here, in the test process.
+
+Tolerance of the 2-rank vs 1-process comparisons. Both runs do the same fp32 arithmetic except the order of
+sums: the gradient (two half-batch means averaged vs one mean), and the all-reduced norms, Gram matrices and R.
+Each differs by a few fp32 ulps (~1e-7 relative); through 6 steps of normalization, Newton-Schulz and 4-bit
+rounding (a code flips only when a value sits within ~1e-7 of a rounding boundary) the weights move apart by
+~3e-7 relative (measured; the dequantized momenta stay bit-identical). We allow 1e-5: 30x headroom, and still far
+below what a distributed bug gives -- the negative control (the same run with the all-reduces removed) lands ~1
+away. Caveat found on the way: a rank-deficient momentum (e.g. the gradient of a layer feeding a 1-output head)
+makes the low-rank split's basis depend on rounding noise in any run, so the toy loss keeps gradients full-rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "scripts"))
+
+from fsdp_common import (  # noqa: E402
+    free_port,
+    make_model,
+    make_optimizer,
+    momenta,
+    train,
+    worker_env,
+)
+
+TOL = 1e-5
+HALF = 3
+
+
+def _dcp_state(model, opt, full: bool = False):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=full)
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt, options=options)}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Run the 2-rank worker once; returns (results, out_dir)."""
+    import torch.distributed.checkpoint as dcp
+
+    out = tmp_path_factory.mktemp("fsdp2")
+    ckpt1 = str(out / "ckpt1")
+    model = make_model()
+    opt = make_optimizer(model, "muonq")
+    train(model, opt, range(HALF))
+    dcp.save(_dcp_state(model, opt), checkpoint_id=ckpt1)  # single process: plain tensors
+    torch.save(momenta(opt), ckpt1 + "_momenta.pt")
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "torchrun"),
+        "--nproc_per_node", "2", "--master_port", str(free_port()),
+        os.path.join(HERE, "scripts", "fsdp_worker.py"), "--out", str(out), "--ckpt1", ckpt1,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    with open(out / "results.json") as f:
+        return json.load(f), out
+
+
+@pytest.mark.parametrize("config", ["muonq", "muon32"])
+def test_two_ranks_match_one_process(world, config):
+    res = world[0][config]
+    losses, ref = torch.tensor(res["losses"]), torch.tensor(res["ref_losses"])
+    assert torch.allclose(losses, ref, rtol=TOL, atol=0), (losses, ref)
+    assert res["weights_rel_diff"] < TOL, res
+    assert res["momentum_rel_diff"] < TOL, res
+    assert ref[-1] < ref[0], "the toy problem must actually train"
+
+
+def test_equivalence_tolerance_can_fail(world):
+    """Without the all-reduces (each rank orthogonalizes its own statistics) the runs differ by far more than TOL."""
+    assert world[0]["broken_reducer_weights_rel_diff"] > 100 * TOL, world[0]["broken_reducer_weights_rel_diff"]
+
+
+def test_state_is_row_sharded_and_replicated(world):
+    res = world[0]
+    assert res["state_layout_ok"], "row-sharded entries must be DTensors with the parameter's mesh/placements"
+    assert res["state_replicated_ok"], "plain (replicated) state entries must be identical on every rank"
+
+
+def test_per_rank_muon_state_memory_halves(world):
+    """Per-rank Muon state ~ 1/world of the single-process state: only R and per-matrix scales are replicated."""
+    res = world[0]
+    single = res["muon_bytes_single"]
+    for b in res["muon_bytes_rank"]:
+        assert b < 0.62 * single, (b, single)
+    assert sum(res["muon_bytes_rank"]) < 1.25 * single  # replication overhead (R, scales) stays small
+
+
+@pytest.mark.parametrize("kind", ["sharded", "full"])
+def test_resume_two_to_two_bit_exact(world, kind):
+    res = world[0]
+    assert res[f"fake_step_keeps_weights_{kind}"], "DCP's fake step (zero grads, lr 0) changed the weights"
+    assert res[f"resume_momenta_exact_{kind}"], "loaded state differs from the saved one"
+    assert res[f"resume_2to2_weights_exact_{kind}"]
+    assert res[f"resume_2to2_state_exact_{kind}"]
+
+
+def test_resume_one_to_two(world):
+    res = world[0]
+    assert res["resume_1to2_momenta_exact"], "a 1-process checkpoint must load on 2 ranks with the same momentum"
+    assert res["resume_1to2_weights_rel_diff"] < TOL, res["resume_1to2_weights_rel_diff"]
+
+
+@pytest.mark.parametrize("kind", ["sharded", "full"])
+def test_resume_two_to_one(world, kind):
+    """A 2-rank checkpoint loads in one process (no FSDP) with the same dequantized momentum, then trains."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    out = world[1]
+    model = make_model(seed=1)
+    opt = make_optimizer(model, "muonq")
+    if kind == "sharded":
+        sd = _dcp_state(model, opt)
+        dcp.load(sd, checkpoint_id=str(out / "ckpt2_sharded"))
+        options = StateDictOptions()
+    else:
+        sd = torch.load(out / "ckpt2_full.pt", weights_only=True)
+        options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, sd["model"], options=options)
+    set_optimizer_state_dict(model, opt, sd["optim"], options=options)
+    saved = torch.load(out / "ckpt2_momenta.pt", weights_only=True)
+    got = momenta(opt)
+    assert got.keys() == saved.keys()
+    for i in saved:
+        assert torch.equal(got[i], saved[i]), i
+    losses = train(model, opt, range(HALF, 6))
+    ref_model = make_model()
+    ref_opt = make_optimizer(ref_model, "muonq")
+    ref_losses = train(ref_model, ref_opt, range(6))[HALF:]
+    assert torch.allclose(torch.tensor(losses), torch.tensor(ref_losses), rtol=TOL, atol=0)
+
+
+def test_tensor_parallel_placements_refused(world):
+    err = world[0]["tp_error"]
+    assert err is not None and "Shard(dim=1)" in err and "fully_shard" in err, err
+
+
+def test_nonfinite_gradient_on_one_rank_stops_all_ranks(world):
+    assert world[0]["nonfinite_raised_all_ranks"]
+
+
+def test_fsdp1_wrapped_model_refused_by_the_trainer_path():
+    """FSDP1 with use_orig_params hands out 1-D shard views: the --optim muonq factory must refuse the model.
+
+    FSDP1 cannot be built on a CPU-only machine, so the wrapper is created without its __init__: only its type
+    matters to the check."""
+    from types import SimpleNamespace
+
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from muonq_hf.hf import optimizer_cls_and_kwargs
+
+    wrapper = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
+    torch.nn.Module.__init__(wrapper)
+    model = torch.nn.Sequential(wrapper, torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="FSDP1.*fsdp_version: 2"):
+        optimizer_cls_and_kwargs(SimpleNamespace(optim_args=None, seed=0, weight_decay=0.0), model)
+
+
+def test_fsdp1_refused():
+    from muonq_hf import MuonQ
+    from muonq_hf.distributed import check_fsdp_plugin, check_parameter
+
+    flat = torch.nn.Parameter(torch.zeros(10))
+    flat._is_flat_param = True
+    with pytest.raises(ValueError, match="FSDP1.*fully_shard"):
+        check_parameter(flat)
+    with pytest.raises(ValueError, match="FSDP1.*fully_shard"):
+        MuonQ([dict(params=[flat], use_muon=False)]).step()
+
+    class Plugin:
+        fsdp_version = 1
+
+    with pytest.raises(ValueError, match="fsdp_version=1.*fsdp_version: 2"):
+        check_fsdp_plugin(Plugin())
+
+
+# ------------------------------------------------------------------------------------- HF Trainer + FSDP2
+@pytest.fixture(scope="module")
+def trainer_world(tmp_path_factory):
+    """`--optim muonq --fsdp full_shard` on 2 CPU ranks (tests/accelerate_cpu_fixture.py enables FSDP on CPU)."""
+    out = tmp_path_factory.mktemp("fsdp_trainer")
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "torchrun"),
+        "--nproc_per_node", "2", "--master_port", str(free_port()),
+        os.path.join(HERE, "scripts", "fsdp_trainer_worker.py"),
+    ]  # fmt: skip
+    env = {**worker_env(), "FSDP_OUT": str(out)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    results = []
+    for rank in range(2):
+        with open(out / f"trainer_rank{rank}.json") as f:
+            results.append(json.load(f))
+    return results
+
+
+@pytest.mark.parametrize("kind", ["FULL_STATE_DICT", "SHARDED_STATE_DICT"])
+def test_trainer_fsdp2_trains_and_resumes_bit_exactly(trainer_world, kind):
+    for res in trainer_world:
+        r = res[kind]
+        assert r["is_fsdp_enabled"] and r["distributed_type"] == "DistributedType.FSDP", r  # no silent DDP
+        assert r["fsdp_version"] == 2 and r["state_dict_type"].endswith(kind), r
+        assert r["is_muonq"] and r["muon_params"] == 8, r  # 2 layers x (c_attn, attn c_proj, c_fc, mlp c_proj)
+        assert r["muon_params_dtensor"] and r["muon_codes_dtensor"], r
+        assert len(r["losses"]) == 4 and all(torch.isfinite(torch.tensor(r["losses"]))), r
+        assert r["resumed_equal"], r["resumed_max_diff"]
