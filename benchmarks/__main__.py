@@ -1,0 +1,133 @@
+"""``python -m benchmarks memory|speed|quality|report|all [--quick] [--out DIR]``.
+
+memory   analytic optimizer-state bytes on GPT-2 small/medium and LLaMA-1B shapes (meta device), checked
+         against real state tensors on a small model            -> results/memory.json
+speed    optimizer step time, all rows interleaved in one process -> results/speed.json (+ stage profile)
+quality  summary of the cached quality study; ``--run`` trains the missing runs (long, resumable)
+                                                                -> results/quality_runs.json, quality.json
+report   RESULTS.md and PNG charts from the JSON files
+all      memory + speed + quality summary (no training) + report (5-8 minutes on 2 shared CPU cores)
+``--quick`` uses tiny models and few repeats (seconds; used by the tests), best with ``--out`` elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import quality
+from .memory import memory_table, verify_analytic
+from .speed import stage_profile, step_times
+from .variants import get_variant
+
+DEFAULT_OUT = Path(__file__).resolve().parent
+
+
+def _write(out: Path, name: str, data: dict) -> None:
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    (out / "results" / name).write_text(json.dumps(data, indent=1))
+    print(f"wrote {out / 'results' / name}")
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "python": platform.python_version(), "cuda": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def cmd_memory(args: argparse.Namespace) -> None:
+    shapes = ["gpt2-tiny"] if args.quick else ["gpt2-small", "gpt2-medium", "llama-1b"]
+    table = memory_table(shapes)
+    # quick mode checks two rows only (the tests check every row); the full run checks every row and ablation
+    rows = [get_variant("muonq_adam8"), get_variant("bnb_adamw8bit")] if args.quick else None
+    check = verify_analytic("gpt2-tiny", rows)
+    table_check = {k: {"analytic": a, "measured": m, "equal": a == m} for k, (a, m) in check.items()}
+    for shape, t in table.items():
+        print(f"\n{shape}: {t['params'] / 1e6:.1f}M params ({t['muon_params'] / 1e6:.1f}M in Muon matrices)")
+        for row in t["rows"].values():
+            ratio = row.get("muon_ratio_vs_muon_fp32")
+            muon_part = f"  Muon part x{ratio:.2f} smaller than fp32 Muon" if ratio else ""
+            mib, per_param = row["total"] / 2**20, row["bytes_per_param"]
+            print(f"  {row['label']:30s} {mib:10.1f} MiB {per_param:6.2f} B/param{muon_part}")
+    bad = [k for k, v in table_check.items() if not v["equal"]]
+    print(f"\nanalytic vs measured on gpt2-tiny: {'all equal' if not bad else f'MISMATCH {bad}'}")
+    _write(args.out, "memory.json", {"machine": machine(), "shapes": table, "verification": table_check})
+
+
+def cmd_speed(args: argparse.Namespace) -> None:
+    shape, rounds, warmup = ("gpt2-tiny", 2, 1) if args.quick else (args.shape, args.rounds, 2)
+    t0 = time.time()
+    result = step_times(shape, warmup=warmup, rounds=rounds)
+    result["wall_s"] = time.time() - t0
+    for row in result["rows"].values():
+        print(f"  {row['label']:30s} {row['median_s'] * 1e3:9.1f} ms  x{row['ratio_vs_muon_fp32']:.2f} vs Muon fp32"
+              f"  x{row['ratio_vs_adamw']:.2f} vs AdamW")
+    sizes = [(128, 128)] if args.quick else [(768, 768), (768, 3072)]
+    result["stage_profile"] = {f"{m}x{n}": stage_profile(m, n, repeats=1 if args.quick else 5) for m, n in sizes}
+    result["gpu"] = None
+    if torch.cuda.is_available() and not args.quick:
+        result["gpu"] = step_times(shape, warmup=warmup, rounds=rounds, device="cuda")
+    _write(args.out, "speed.json", {"machine": machine(), **result})
+
+
+def cmd_quality(args: argparse.Namespace) -> None:
+    if args.run:
+        i, n = (int(x) for x in args.worker.split("/"))
+        quality.run_study(seeds=tuple(range(args.seeds)), max_runs=args.max_runs, full=args.full, worker=(i, n))
+    cache = quality.load_cache()
+    summary = quality.summarize(cache)
+    for key, row in summary["rows"].items():
+        print(f"  {key:32s} lr {row['lr']:g}  eval loss {row['mean']:.4f} +- {row['std']:.4f} (n={len(row['seeds'])})")
+    _write(args.out, "quality.json", {"schedule": quality.SCHEDULE, "lr_grid": quality.LR_GRID,
+                                      "n_runs": len(cache), **summary})
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .report import write_report
+
+    write_report(args.out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=("memory", "speed", "quality", "report", "all"))
+    parser.add_argument("--quick", action="store_true", help="tiny models, few repeats (seconds)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for results/, RESULTS.md, PNGs")
+    parser.add_argument("--shape", default="gpt2-small-2l", help="speed model (see benchmarks/models.py)")
+    parser.add_argument("--rounds", type=int, default=7, help="timed steps per row (speed)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared CPU)")
+    parser.add_argument("--run", action="store_true", help="quality: train the missing runs (long, resumable)")
+    parser.add_argument("--seeds", type=int, default=3, help="quality: seeds per row")
+    parser.add_argument("--full", action="store_true", help="quality: all seeds for LLaMA and the ablations too")
+    parser.add_argument("--worker", default="0/1", help="quality: i/n, this process's share of the runs")
+    parser.add_argument("--max_runs", type=int, default=None, help="quality: stop after this many new runs")
+    args = parser.parse_args(argv)
+    if args.quick and args.command == "quality" and args.run:
+        parser.error("--quick does not train; run `python -m benchmarks quality --run` for the study")
+    torch.set_num_threads(args.threads)
+    commands = {"memory": [cmd_memory], "speed": [cmd_speed], "quality": [cmd_quality], "report": [cmd_report],
+                "all": [cmd_memory, cmd_speed, cmd_quality, cmd_report]}
+    for fn in commands[args.command]:
+        fn(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,137 @@
+"""Optimizer-state memory: counted analytically from parameter shapes, and measured from real state tensors.
+
+The analytic count mirrors each optimizer's state layout (MuonQ: ``muonq_hf/optimizer.py``; torch AdamW;
+bitsandbytes AdamW8bit: ``init_state`` in ``bitsandbytes/optim/optimizer.py``), so it works for models built
+on the ``meta`` device (GPT-2 medium, LLaMA-1B) without allocating anything. ``measured_bytes`` counts the
+tensors a real optimizer holds after one step; the test suite checks the two agree on a small model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from muonq_hf.codecs import packed_width
+from muonq_hf.lowrank import rank_for
+from muonq_hf.memory import state_bytes
+from muonq_hf.optimizer import ADAMW_8BIT_BLOCK, ADAMW_8BIT_MIN_NUMEL, ADAMW_DEFAULTS, MUON_DEFAULTS, MuonQ
+
+from .models import build_model
+from .variants import MAIN_ROWS, Variant, make_optimizer, muon_groups
+
+BNB_BLOCK, BNB_MIN_8BIT_SIZE, BNB_QMAP_BYTES = 256, 4096, 2 * 256 * 4  # two shared fp32 qmaps of 256 entries
+STEP_BYTES = 4  # torch AdamW and MuonQ keep ``step`` as a 0-d fp32 tensor per parameter; bnb as a Python int
+
+
+def _adamw_param_bytes(p: torch.Tensor, adamw_bits: int) -> int:
+    """MuonQ's AdamW part: fp32 m, v, or row-blockwise 8-bit codes + fp32 absmax for >= 2-D, >= 4096 elements."""
+    if adamw_bits == 8 and p.ndim >= 2 and p.numel() >= ADAMW_8BIT_MIN_NUMEL:
+        m, n = p.shape[0], p.numel() // p.shape[0]
+        return 2 * (m * n + 4 * m * math.ceil(n / ADAMW_8BIT_BLOCK)) + STEP_BYTES
+    return 8 * p.numel() + STEP_BYTES
+
+
+def _muon_param_bytes(p: torch.Tensor, group: dict) -> int:
+    """MuonQ's Muon part for one parameter: residual codes + scales, low-rank factors, norm, step."""
+    o = {**MUON_DEFAULTS, **group}
+    m, n = p.shape[0], p.numel() // p.shape[0]
+    k = o["qkv_split"]
+    mp, np_ = (m // k, n) if o["split_dim"] == 0 else (m, n // k)
+    r = rank_for(mp, np_, o["rank_divisor"])
+    bits = o["bits"]
+    total = STEP_BYTES
+    if o["store_norm"] and o["normalize"]:
+        total += 4 * k
+    if bits == 32:
+        return total + 4 * (m * n + k * (mp + np_) * r)
+    total += k * mp * packed_width(np_, bits)  # residual codes
+    if o["block_size"] is None:
+        total += 2 * k  # one fp16 scale per piece
+    else:
+        total += 2 * k * mp * math.ceil(np_ / o["block_size"])  # fp16 scale per row block
+    if r:
+        total += k * (mp + np_) * packed_width(r, bits) + 2 * 2 * k * r  # P, R codes; fp16 column scales
+    return total
+
+
+def analytic_bytes(model: nn.Module, variant: Variant) -> dict[str, int]:
+    """{"muon": bytes, "adamw": bytes, "total": bytes} of ``variant``'s state for ``model`` (meta is fine)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if variant.kind == "adamw":
+        adamw = sum(8 * p.numel() + STEP_BYTES for p in params)
+        return {"muon": 0, "adamw": adamw, "total": adamw}
+    if variant.kind == "bnb":
+        big = [p for p in params if p.numel() >= BNB_MIN_8BIT_SIZE]
+        adamw = sum(8 * p.numel() for p in params if p.numel() < BNB_MIN_8BIT_SIZE)
+        adamw += sum(2 * p.numel() + 2 * 4 * math.ceil(p.numel() / BNB_BLOCK) for p in big)
+        adamw += BNB_QMAP_BYTES if big else 0
+        return {"muon": 0, "adamw": adamw, "total": adamw}
+    muon = adamw = 0
+    for group in muon_groups(model, variant):
+        for p in group["params"]:
+            if not group["use_muon"]:
+                adamw += _adamw_param_bytes(p, group.get("adamw_bits", ADAMW_DEFAULTS["adamw_bits"]))
+            elif variant.kind == "muon_bf16":
+                muon += 2 * p.numel()  # bf16 momentum_buffer, no step counter
+            else:
+                muon += _muon_param_bytes(p, group)
+    return {"muon": muon, "adamw": adamw, "total": muon + adamw}
+
+
+def measured_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes of the optimizer's state tensors, each storage counted once (bnb shares its qmaps)."""
+    if isinstance(optimizer, MuonQ):  # the package's own accounting (no shared storages in MuonQ's state)
+        report = state_bytes(optimizer)
+        return {"muon": report["muon"]["total"], "adamw": report["adamw"]["total"], "total": report["total"]}
+    seen: set[int] = set()
+    out = {"muon": 0, "adamw": 0}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for value in optimizer.state.get(p, {}).values():
+                if torch.is_tensor(value) and value.data_ptr() not in seen:
+                    seen.add(value.data_ptr())
+                    out["muon" if group.get("use_muon") else "adamw"] += value.numel() * value.element_size()
+    return {**out, "total": out["muon"] + out["adamw"]}
+
+
+def measure_after_one_step(model: nn.Module, variant: Variant, seed: int = 0) -> dict[str, int]:
+    """Build the variant on a real model, take one step with random gradients, count its state tensors."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+    optimizer = make_optimizer(variant, model, lr=1e-3)
+    optimizer.step()
+    return measured_bytes(optimizer)
+
+
+def memory_table(shapes: list[str], variants: list[Variant] = MAIN_ROWS) -> dict:
+    """Analytic state bytes of every variant on every model shape (built on meta), with ratios."""
+    table: dict = {}
+    for shape in shapes:
+        model = build_model(shape, device="meta")
+        n_params = sum(p.numel() for p in model.parameters())
+        rows = {v.name: analytic_bytes(model, v) for v in variants}
+        ref = rows.get("muon_fp32")
+        for v in variants:
+            row = rows[v.name]
+            row["label"] = v.label
+            row["bytes_per_param"] = row["total"] / n_params
+            if ref is not None:
+                row["muon_ratio_vs_muon_fp32"] = ref["muon"] / row["muon"] if row["muon"] else None
+                row["total_ratio_vs_muon_fp32"] = ref["total"] / row["total"]
+        n_muon = sum(p.numel() for g in muon_groups(model, MAIN_ROWS[2]) if g["use_muon"] for p in g["params"])
+        table[shape] = {"params": n_params, "muon_params": n_muon, "rows": rows}
+    return table
+
+
+def verify_analytic(shape: str = "gpt2-tiny", variants: list[Variant] | None = None) -> dict[str, tuple[int, int]]:
+    """{variant: (analytic total, measured total)} on a real model of ``shape`` after one step."""
+    from .variants import VARIANTS
+
+    out = {}
+    for v in variants or list(VARIANTS.values()):
+        model = build_model(shape)
+        out[v.name] = (analytic_bytes(model, v)["total"], measure_after_one_step(model, v)["total"])
+    return out

@@ -1,0 +1,284 @@
+"""RESULTS.md and the PNG charts, generated from ``benchmarks/results/*.json`` (no measurement here)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .quality import LR_GRID, SCHEDULE, load_cache
+from .variants import ABLATION_ROWS, MAIN_ROWS, VARIANTS
+
+COMMANDS = """```bash
+make bench                                   # = .venv/bin/python -m benchmarks all: memory, speed, quality summary
+                                             #   of the cached runs, report (5-8 min on a shared 2-core CPU)
+.venv/bin/python -m benchmarks memory        # results/memory.json (seconds)
+.venv/bin/python -m benchmarks speed         # results/speed.json (CPU, 1 thread, 2 warm-up + 7 timed steps per row)
+nohup .venv/bin/python -m benchmarks quality --run > runs/bench_quality/driver.log 2>&1 &   # the training study
+#   (resumable: finished runs are cached in results/quality_runs.json, a stopped run resumes from its last
+#    checkpoint; `--worker 0/2` and `--worker 1/2` split it over two processes; `--full` adds seeds 1-2 for
+#    LLaMA and the ablations)
+.venv/bin/python -m benchmarks quality       # results/quality.json: summary of the cached runs (no training)
+.venv/bin/python -m benchmarks report        # RESULTS.md + PNGs from the JSON files
+```"""
+
+
+def _load(out: Path, name: str) -> dict | None:
+    path = out / "results" / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _mib(b: float) -> str:
+    return f"{b / 2**20:,.1f}"
+
+
+def memory_section(mem: dict) -> list[str]:
+    lines = ["## Memory: optimizer state", ""]
+    lines += [
+        "Counted analytically from parameter shapes (models built from configs on the `meta` device, no weights), "
+        "with each optimizer's exact state layout: codes, scales, low-rank factors, step counters, bnb's shared "
+        "qmaps. The count equals the bytes of the real state tensors after one step on a small GPT-2 for every "
+        f"row and ablation ({'all equal' if all(v['equal'] for v in mem['verification'].values()) else 'MISMATCH'};"
+        " `tests/test_benchmarks.py` checks it on GPT-2 and LLaMA). MuonQ rows use `muonq_hf.param_groups` "
+        "(fused QKV split in three). \"Muon part\" = the state of the Muon-routed matrices only.", "",
+    ]
+    for shape, t in mem["shapes"].items():
+        lines += [
+            f"### {shape}: {t['params'] / 1e6:.1f}M parameters, {t['muon_params'] / 1e6:.1f}M in Muon matrices", "",
+            "| optimizer | total MiB | bytes/param | Muon part MiB | AdamW part MiB | Muon part: fp32 Muon / this "
+            "| total: fp32 Muon / this | total / bnb AdamW8bit |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        bnb = t["rows"]["bnb_adamw8bit"]["total"]
+        for row in t["rows"].values():
+            ratio = row.get("muon_ratio_vs_muon_fp32")
+            lines.append(
+                f"| {row['label']} | {_mib(row['total'])} | {row['bytes_per_param']:.2f} | {_mib(row['muon'])} | "
+                f"{_mib(row['adamw'])} | {f'{ratio:.2f}x' if ratio else '-'} | "
+                f"{row['total_ratio_vs_muon_fp32']:.2f}x | {row['total'] / bnb:.2f} |"
+            )
+        lines.append("")
+    lines += ["![optimizer state memory](memory.png)", ""]
+    return lines
+
+
+def speed_section(speed: dict) -> list[str]:
+    m = speed["machine"]
+    lines = [
+        "## Speed: optimizer step time", "",
+        f"Model `{speed['shape']}` ({speed['params'] / 1e6:.1f}M parameters: GPT-2-small layer shapes, 2 layers, "
+        f"vocab 8192), fixed random gradients, all rows built in one process and stepped round-robin (order rotated "
+        f"each round) so that load from other processes hits every row alike; {speed['warmup']} warm-up steps, "
+        f"median of {speed['rounds']} timed steps. Timer: {speed.get('timer', 'wall time')} (ratios use it; the CPU "
+        f"is shared with other jobs, so wall time, shown too, swings from step to step). CPU: {m['cpu']}, "
+        f"{m['cores']} cores, torch {m['torch']} with {m['torch_threads']} thread(s).", "",
+        "| optimizer | median ms | min ms | max ms | wall median ms | / Muon fp32 | / torch AdamW |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in speed["rows"].values():
+        wall = row.get("wall_median_s")
+        lines.append(
+            f"| {row['label']} | {row['median_s'] * 1e3:,.1f} | {row['min_s'] * 1e3:,.1f} | "
+            f"{row['max_s'] * 1e3:,.1f} | {f'{wall * 1e3:,.1f}' if wall else '-'} | "
+            f"{row['ratio_vs_muon_fp32']:.2f} | {row['ratio_vs_adamw']:.2f} |"
+        )
+    gpu = speed.get("gpu")
+    lines += ["", "GPU: " + ("see `speed.json`" if gpu else "no GPU was available for this run; not measured."), ""]
+    lines += ["Where a MuonQ matrix step spends its time (median CPU ms per stage, one matrix, 1 thread):", ""]
+    sizes = list(speed["stage_profile"])
+    lines += ["| stage | " + " | ".join(sizes) + " |", "|---|" + "---:|" * len(sizes)]
+    for stage in speed["stage_profile"][sizes[0]]:
+        cells = " | ".join(f"{speed['stage_profile'][s][stage] * 1e3:.1f}" for s in sizes)
+        lines.append(f"| {stage} | {cells} |")
+    lines.append("")
+    return lines
+
+
+def quality_section(q: dict) -> list[str]:
+    s = SCHEDULE
+    lines = [
+        "## Quality: tiny GPT-2 and LLaMA pretraining through the HF Trainer", "",
+        f"`examples/run_clm.py` on the embedded corpus (`muonq_hf.data`, BPE vocab 4096), {s['n_layer']} layers, "
+        f"d={s['n_embd']}, {s['n_head']} heads, block {s['block_size']}, batch {s['per_device_train_batch_size']}, "
+        f"{s['max_steps']} steps, {s['warmup_steps']} warm-up steps then cosine, weight decay {s['weight_decay']}, "
+        f"AdamW betas (0.9, 0.95) everywhere, eval loss on {s['max_eval_samples']} held-out blocks. One process per "
+        "run, 1 CPU thread. The lr is tuned per family on GPT-2, seed 0: Muon family on fp32 Muon over "
+        f"{LR_GRID['muon']}, AdamW family on torch AdamW over {LR_GRID['adamw']}, each grid extended by a factor 2 "
+        "past an edge while the best lr sits on it; every row of a family then uses that lr (LLaMA uses the GPT-2 "
+        "lr: no separate LLaMA sweep, for CPU time). The exact command of every run is in "
+        "`results/quality_runs.json`.", "",
+        "lr grid (final eval loss, seed 0): " + "; ".join(
+            f"{fam}: " + ", ".join(f"{lr} -> {loss:.4f}" for lr, loss in grid.items()) + f" (best {q['lr'][fam]})"
+            for fam, grid in q["grid"].items()
+        ), "",
+    ]
+    for model in ("gpt2", "llama"):
+        rows = {k.split("/")[1]: r for k, r in q["rows"].items() if k.startswith(model + "/")}
+        if not rows:
+            continue
+        ref = rows.get("muon_fp32")
+        lines += [
+            f"### {model}", "",
+            "| optimizer | lr | seeds | final eval loss mean | std | min | max | vs fp32 Muon |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for v in MAIN_ROWS + ABLATION_ROWS:
+            r = rows.get(v.name)
+            if r is None:
+                continue
+            rel = f"{(r['mean'] / ref['mean'] - 1) * 100:+.2f}%" if ref else "-"
+            lines.append(
+                f"| {r['label']} | {r['lr']:g} | {len(r['seeds'])} | {r['mean']:.4f} | {r['std']:.4f} | "
+                f"{r['min']:.4f} | {r['max']:.4f} | {rel} |"
+            )
+        lines.append("")
+    lines += ["![eval loss curves](loss_curves.png)", "", "![final eval loss per row](final_losses.png)", ""]
+    return lines
+
+
+def targets_section(mem: dict | None, q: dict | None) -> list[str]:
+    lines = ["## Targets of the issue", "", "| target | measured | met |", "|---|---|---|"]
+    if mem:
+        small = mem["shapes"].get("gpt2-small")
+        if small:
+            r = small["rows"]["muonq_adam8"]["total"] / small["rows"]["bnb_adamw8bit"]["total"]
+            lines.append(f"| MuonQ (4-bit, 8-bit AdamW) state <= 1/3 of bnb AdamW8bit, GPT-2 small | {r:.3f} | "
+                         f"{'yes' if r <= 1 / 3 else 'no'} |")
+        below = {s: t["rows"]["muonq_adam8"]["total"] / t["rows"]["bnb_adamw8bit"]["total"]
+                 for s, t in mem["shapes"].items()}
+        lines.append("| ... below bnb AdamW8bit on every model | " + ", ".join(f"{s} {v:.2f}" for s, v in below.items())
+                     + f" | {'yes' if all(v < 1 for v in below.values()) else 'no'} |")
+        ratios = {s: t["rows"]["muonq"]["muon_ratio_vs_muon_fp32"] for s, t in mem["shapes"].items()}
+        lines.append("| MuonQ Muon-part ratio >= 7x vs fp32 Muon | " + ", ".join(f"{s} {v:.2f}x" for s, v in
+                     ratios.items()) + f" | {'yes' if all(v >= 7 for v in ratios.values()) else 'no'} |")
+    if q:
+        for model in ("gpt2", "llama"):
+            rows = {k.split("/")[1]: r for k, r in q["rows"].items() if k.startswith(model + "/")}
+            if not {"muon_fp32", "muonq"} <= set(rows):
+                continue
+            ref, mq = rows["muon_fp32"], rows["muonq"]
+            rel = (mq["mean"] / ref["mean"] - 1) * 100
+            n = f"n={len(mq['seeds'])}/{len(ref['seeds'])}"
+            lines.append(f"| {model}: MuonQ eval loss within 1% of fp32 Muon | {mq['mean']:.4f} vs {ref['mean']:.4f}"
+                         f" ({rel:+.2f}%, {n}) | {'yes' if abs(rel) <= 1 else 'no'} |")
+            for base in ("adamw", "bnb_adamw8bit"):
+                if base in rows:
+                    b = rows[base]
+                    lines.append(f"| {model}: MuonQ better than {b['label']} | {mq['mean']:.4f} vs {b['mean']:.4f} | "
+                                 f"{'yes' if mq['mean'] < b['mean'] else 'no'} |")
+            if "naive4" in rows:
+                nv = rows["naive4"]
+                gap = nv["mean"] - ref["mean"]
+                spread = max(ref["std"], nv["std"])
+                lines.append(f"| {model}: naive 4-bit measurably worse than fp32 Muon | {nv['mean']:.4f} vs "
+                             f"{ref['mean']:.4f} (gap {gap:+.4f}, largest seed std {spread:.4f}) | "
+                             f"{'yes' if gap > 2 * spread and gap > 0 else 'no'} |")
+    lines.append("")
+    return lines
+
+
+def plot_memory(mem: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(mem["shapes"])
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4.5), squeeze=False)
+    for ax, shape in zip(axes[0], shapes, strict=True):
+        rows = mem["shapes"][shape]["rows"]
+        labels = [r["label"] for r in rows.values()]
+        muon = [r["muon"] / 2**20 for r in rows.values()]
+        adamw = [r["adamw"] / 2**20 for r in rows.values()]
+        y = range(len(labels))
+        ax.barh(y, adamw, color="tab:gray", label="AdamW part")
+        ax.barh(y, muon, left=adamw, color="tab:blue", label="Muon part")
+        ax.set_yticks(list(y), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("optimizer state (MiB)")
+        ax.set_title(f"{shape} ({mem['shapes'][shape]['params'] / 1e6:.0f}M params)")
+    axes[0][0].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(cache: dict, q: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m in ("gpt2", "llama") if any(k.startswith(m + "/") for k in q["rows"])]
+    fig, axes = plt.subplots(1, max(len(models), 1), figsize=(6.5 * max(len(models), 1), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=False):
+        for v in MAIN_ROWS:
+            row = q["rows"].get(f"{model}/{v.name}")
+            if row is None:
+                continue
+            runs = [r for r in cache.values() if (r["model"], r["variant"], r["lr"]) == (model, v.name, row["lr"])]
+            steps = [s for s, _ in runs[0]["eval_curve"]]
+            mean = [sum(r["eval_curve"][i][1] for r in runs) / len(runs) for i in range(len(steps))]
+            ax.plot(steps, mean, marker="o", ms=3, label=f"{v.label} (lr {row['lr']:g}, n={len(runs)})")
+        ax.set_xlabel("step")
+        ax.set_ylabel("eval loss (mean over seeds)")
+        ax.set_title(f"tiny {model}")
+        ax.set_ylim(top=min(ax.get_ylim()[1], 7.5))
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_final_losses(q: dict, path: Path) -> None:
+    """Final eval loss of every GPT-2 row (main rows and ablations), mean with min-max bars over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [q["rows"][f"gpt2/{v.name}"] for v in MAIN_ROWS + ABLATION_ROWS if f"gpt2/{v.name}" in q["rows"]]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.2))
+    y = list(range(len(rows)))
+    means = [r["mean"] for r in rows]
+    err = [[r["mean"] - r["min"] for r in rows], [r["max"] - r["mean"] for r in rows]]
+    colors = ["tab:gray" if VARIANTS[r["variant"]].family == "adamw" else "tab:blue" for r in rows]
+    ax.barh(y, means, xerr=err, color=colors, capsize=3)
+    ax.set_yticks(y, [f"{r['label']} (n={len(r['seeds'])})" for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(min(r["min"] for r in rows) - 0.1, max(r["max"] for r in rows) + 0.05)
+    ax.set_xlabel("final eval loss, tiny GPT-2 (bars: min-max over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path) -> Path:
+    mem, speed, q = _load(out, "memory.json"), _load(out, "speed.json"), _load(out, "quality.json")
+    lines = ["# Benchmarks: MuonQ vs AdamW, bnb AdamW8bit, Muon and naive 4-bit Muon", "",
+             "Generated by `python -m benchmarks report` from `benchmarks/results/*.json`. Commands:", "", COMMANDS, ""]
+    if speed or mem:
+        m = (speed or mem)["machine"]
+        hw = f"GPU {m['gpu']}" if m["gpu"] else "no GPU"
+        lines += [f"Machine: {m['cpu']}, {m['cores']} CPU cores (shared with other jobs), {hw}; torch {m['torch']}, "
+                  f"Python {m['python']}.", ""]
+    lines += targets_section(mem, q)
+    if mem:
+        lines += memory_section(mem)
+        plot_memory(mem, out / "memory.png")
+    if speed:
+        lines += speed_section(speed)
+    if q and q["rows"]:
+        lines += quality_section(q)
+        plot_curves(load_cache(), q, out / "loss_curves.png")
+        plot_final_losses(q, out / "final_losses.png")
+    notes = Path(__file__).resolve().parent / "DISCUSSION.md"
+    if notes.exists():
+        lines += [notes.read_text()]
+    path = out / "RESULTS.md"
+    path.write_text("\n".join(lines))
+    print(f"wrote {path}")
+    return path
+
+
+__all__ = ["write_report", "VARIANTS"]

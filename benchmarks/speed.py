@@ -1,0 +1,118 @@
+"""Optimizer step time: every row on one model in one process, interleaved, median of repeated steps.
+
+Rows are interleaved round-robin (one step of each row per round, the order rotated every round) so that
+load from other processes on a shared machine hits all rows alike; each row's time is the median over
+rounds after warm-up. On CPU the ratios use the process CPU time of each step (``time.process_time``; with
+one torch thread that is the step's own work), because wall time on a CPU shared with other jobs swings by
+3x from one step to the next; wall times are reported beside it. On CUDA the time is wall time after a sync.
+``stage_profile`` splits one MuonQ matrix step into its stages to show where the time goes relative to
+plain Muon.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from muonq_hf.codecs import dequantize, quantize
+from muonq_hf.lowrank import power_iteration_split
+from muonq_hf.orthogonalize import zeropower_via_newtonschulz5
+
+from .models import build_model
+from .variants import MAIN_ROWS, Variant, make_optimizer
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_times(
+    shape: str, variants: list[Variant] = MAIN_ROWS, warmup: int = 2, rounds: int = 7, device: str = "cpu"
+) -> dict:
+    """{variant: {"median_s", "min_s", "max_s", "wall_median_s"}} plus ratios to Muon fp32 and torch AdamW.
+
+    ``median_s`` etc. are CPU time on CPU and wall time on CUDA.
+    """
+    dev = torch.device(device)
+    model = build_model(shape, device=dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for p in model.parameters():  # fixed gradients: the step cost does not depend on their values
+        p.grad = torch.randn(p.shape, generator=gen, device=dev) * 1e-2
+    optimizers = {v.name: make_optimizer(v, model, lr=1e-4) for v in variants}
+    for _ in range(warmup):
+        for opt in optimizers.values():
+            opt.step()
+    _sync(dev)
+    clock = time.perf_counter if dev.type == "cuda" else time.process_time
+    times: dict[str, list[float]] = {v.name: [] for v in variants}
+    walls: dict[str, list[float]] = {v.name: [] for v in variants}
+    names = list(optimizers)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t0, w0 = clock(), time.perf_counter()
+            optimizers[name].step()
+            _sync(dev)
+            times[name].append(clock() - t0)
+            walls[name].append(time.perf_counter() - w0)
+    rows = {}
+    for v in variants:
+        t = times[v.name]
+        rows[v.name] = {
+            "label": v.label, "median_s": statistics.median(t), "min_s": min(t), "max_s": max(t),
+            "wall_median_s": statistics.median(walls[v.name]),
+        }
+    for ref in ("muon_fp32", "adamw"):
+        if ref in rows:
+            for row in rows.values():
+                row[f"ratio_vs_{ref}"] = row["median_s"] / rows[ref]["median_s"]
+    n_params = sum(p.numel() for p in model.parameters())
+    timer = "wall time (cuda sync)" if dev.type == "cuda" else "process CPU time"
+    return {"shape": shape, "device": device, "timer": timer, "params": n_params, "warmup": warmup, "rounds": rounds,
+            "rows": rows}
+
+
+def stage_profile(m: int, n: int, rank_divisor: int = 16, repeats: int = 5, seed: int = 0) -> dict[str, float]:
+    """Median CPU seconds of each stage of one default MuonQ matrix step (m, n), and of plain Muon's NS5.
+
+    Calls the same codec / split / Newton-Schulz functions as ``muonq_update``, stage by stage.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    G = torch.randn(1, m, n, generator=gen)
+    r = min(m, n) // rank_divisor
+    M_bar = G / G.norm()
+    P, R, res = power_iteration_split(M_bar, torch.randn(1, n, r, generator=gen))
+    res_c, res_s = quantize(res, 4, 255.0)
+    P_c, P_s = quantize(P, 4, 255.0, "column")
+    R_c, R_s = quantize(R, 4, 255.0, "column")
+
+    def load() -> torch.Tensor:
+        Pd = dequantize(P_c, P_s, r, 4, 255.0, "column")
+        Rd = dequantize(R_c, R_s, r, 4, 255.0, "column")
+        return dequantize(res_c, res_s, n, 4, 255.0) + Pd @ Rd.mT
+
+    def normalize() -> torch.Tensor:
+        M = 0.95 * M_bar + G / (G.norm() + 1e-7)
+        return M / (M.norm() + 1e-7)
+
+    stages = {
+        "dequantize (res, P, R) + P R^T": load,
+        "normalize G and M": normalize,
+        "power-iteration split (QR, R, res)": lambda: power_iteration_split(M_bar, R),
+        "quantize (res, P, R)": lambda: (quantize(res, 4, 255.0), quantize(P, 4, 255.0, "column"),
+                                          quantize(R, 4, 255.0, "column")),
+        "Newton-Schulz 5 (shared with Muon)": lambda: zeropower_via_newtonschulz5(M_bar),
+        "plain Muon momentum (beta M + G)": lambda: 0.95 * M_bar + G,
+    }
+    out = {}
+    for name, fn in stages.items():
+        fn()
+        t = []
+        for _ in range(repeats):
+            t0 = time.process_time()
+            fn()
+            t.append(time.process_time() - t0)
+        out[name] = statistics.median(t)
+    return out

@@ -1,0 +1,83 @@
+"""The optimizer rows of every benchmark: one name -> how to build that optimizer for a model.
+
+MuonQ-family rows are MuonQ with different per-group options (see ``MUON_DEFAULTS``/``ADAMW_DEFAULTS`` in
+``muonq_hf/optimizer.py``); the baselines are torch AdamW, bitsandbytes AdamW8bit and a bf16-buffer Muon.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from muonq_hf import MuonQ, param_groups
+
+from .reference_muon import MuonBF16
+
+# Plain Muon as MuonQ options: fp32 momentum, no normalization, no split, linear codec.
+PLAIN = dict(normalize=False, rank_divisor=0, mu=0.0)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One benchmark row: ``kind`` is "adamw" (torch), "bnb" (AdamW8bit), "muonq" or "muon_bf16"."""
+
+    name: str
+    label: str
+    kind: str
+    options: dict[str, Any] = field(default_factory=dict)  # MuonQ group options (muonq / muon_bf16 kinds)
+
+    @property
+    def family(self) -> str:
+        """"muon" or "adamw": the lr grid of the quality study is tuned per family."""
+        return "adamw" if self.kind in ("adamw", "bnb") else "muon"
+
+
+MAIN_ROWS = [
+    Variant("adamw", "torch AdamW fp32", "adamw"),
+    Variant("bnb_adamw8bit", "bnb AdamW8bit", "bnb"),
+    Variant("muon_fp32", "Muon fp32", "muonq", dict(bits=32, **PLAIN)),
+    Variant("muon_bf16", "Muon bf16", "muon_bf16"),
+    Variant("naive4", "naive 4-bit Muon", "muonq", dict(bits=4, **PLAIN)),
+    Variant("muon8_block2048", "8-bit Muon (blockwise 2048)", "muonq", dict(bits=8, block_size=2048, **PLAIN)),
+    Variant("muonq", "MuonQ 4-bit + AdamW fp32", "muonq", {}),
+    Variant("muonq_adam8", "MuonQ 4-bit + AdamW 8-bit", "muonq", dict(adamw_bits=8)),
+]
+ABLATION_ROWS = [
+    Variant("muonq_no_norm", "MuonQ w/o normalization", "muonq", dict(normalize=False)),
+    Variant("muonq_no_lowrank", "MuonQ w/o low-rank split", "muonq", dict(rank_divisor=0)),
+    Variant("muonq_no_mulaw", "MuonQ w/o mu-law", "muonq", dict(mu=0.0)),
+    Variant("muonq_store_norm", "MuonQ + stored norm", "muonq", dict(store_norm=True)),
+    Variant("muonq_sr", "MuonQ + stochastic rounding", "muonq", dict(stochastic_rounding=True)),
+    Variant("muonq_8bit", "MuonQ 8-bit", "muonq", dict(bits=8)),
+]
+VARIANTS: dict[str, Variant] = {v.name: v for v in MAIN_ROWS + ABLATION_ROWS}
+
+
+def get_variant(name: str) -> Variant:
+    if name not in VARIANTS:
+        raise ValueError(f"unknown benchmark variant {name!r}; known: {sorted(VARIANTS)}")
+    return VARIANTS[name]
+
+
+def muon_groups(model: nn.Module, variant: Variant, weight_decay: float = 0.0) -> list[dict]:
+    """MuonQ param groups of ``model`` with the variant's options (Muon for hidden matrices, AdamW else)."""
+    return param_groups(model, weight_decay=weight_decay, **variant.options)
+
+
+def make_optimizer(variant: Variant, model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """Build the variant's optimizer over ``model``'s trainable parameters."""
+    if variant.kind == "adamw":
+        return torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay
+        )
+    if variant.kind == "bnb":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(
+            [p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay
+        )
+    cls = MuonBF16 if variant.kind == "muon_bf16" else MuonQ
+    return cls(muon_groups(model, variant, weight_decay), lr=lr)
