@@ -135,6 +135,12 @@ def quality_section(q: dict) -> list[str]:
     return lines
 
 
+def _within(rel_percent: float) -> str:
+    if abs(rel_percent) <= 1:
+        return "yes"
+    return "no: better by more than 1%" if rel_percent < 0 else "no: worse"
+
+
 def targets_section(mem: dict | None, q: dict | None) -> list[str]:
     lines = ["## Targets of the issue", "", "| target | measured | met |", "|---|---|---|"]
     if mem:
@@ -159,7 +165,7 @@ def targets_section(mem: dict | None, q: dict | None) -> list[str]:
             rel = (mq["mean"] / ref["mean"] - 1) * 100
             n = f"n={len(mq['seeds'])}/{len(ref['seeds'])}"
             lines.append(f"| {model}: MuonQ eval loss within 1% of fp32 Muon | {mq['mean']:.4f} vs {ref['mean']:.4f}"
-                         f" ({rel:+.2f}%, {n}) | {'yes' if abs(rel) <= 1 else 'no'} |")
+                         f" ({rel:+.2f}%, {n}) | {_within(rel)} |")
             for base in ("adamw", "bnb_adamw8bit"):
                 if base in rows:
                     b = rows[base]
@@ -171,7 +177,8 @@ def targets_section(mem: dict | None, q: dict | None) -> list[str]:
                 spread = max(ref["std"], nv["std"])
                 lines.append(f"| {model}: naive 4-bit measurably worse than fp32 Muon | {nv['mean']:.4f} vs "
                              f"{ref['mean']:.4f} (gap {gap:+.4f}, largest seed std {spread:.4f}) | "
-                             f"{'yes' if gap > 2 * spread and gap > 0 else 'no'} |")
+                             f"{'yes' if gap > 2 * spread > 0 or (spread == 0 and gap > 0) else 'no'}"
+                             f"{' (one seed)' if spread == 0 else ''} |")
     lines.append("")
     return lines
 
