@@ -281,6 +281,22 @@ class _QuantizedOptimizer(torch.optim.Optimizer):
             x.copy_(self._q(component, x))
         return x
 
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, self._q("G", p.grad), self.state[p], group)
+        return loss
+
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
+        """One step for parameter ``p`` given its already quantized gradient."""
+        raise NotImplementedError
+
 
 class QuantizedAdam(_QuantizedOptimizer):
     """Adam (Kingma & Ba, with bias correction, no weight decay) with G, W, M, V in simulated float formats.
@@ -305,31 +321,19 @@ class QuantizedAdam(_QuantizedOptimizer):
         formats = {"G": g, "W": w, "M": m, "V": v}
         super().__init__(params, defaults, formats, rounding, horizon, horizon_offset, seed)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = self._q("G", p.grad)
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
-                self._q_("M", m.lerp_(grad, 1 - beta1))
-                self._q_("V", v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2))
-                step_size = group["lr"] / (1 - beta1**t)
-                denom = (v.sqrt() / (1 - beta2**t) ** 0.5).add_(group["eps"])
-                self._q_("W", p.addcdiv_(m, denom, value=-step_size))
-        return loss
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+        self._q_("M", m.lerp_(grad, 1 - beta1))
+        self._q_("V", v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2))
+        step_size = group["lr"] / (1 - beta1**t)
+        denom = (v.sqrt() / (1 - beta2**t) ** 0.5).add_(group["eps"])
+        self._q_("W", p.addcdiv_(m, denom, value=-step_size))
 
 
 def as_matrices(x: torch.Tensor) -> torch.Tensor:
@@ -362,25 +366,13 @@ class QuantizedMuon(_QuantizedOptimizer):
         formats = {"G": g, "W": w, "M": m}
         super().__init__(params, defaults, formats, rounding, horizon, horizon_offset, seed)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta = group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = self._q("G", p.grad)
-                state = self.state[p]
-                if not state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                buf = self._q_("M", state["momentum_buffer"].mul_(beta).add_(grad))
-                direction = grad.add(buf, alpha=beta) if group["nesterov"] else buf
-                mat = as_matrices(direction)
-                update = zeropower_via_newtonschulz5(mat, steps=group["ns_steps"], dtype=torch.float32)
-                scale = muon_scale(mat.size(-2), mat.size(-1))
-                self._q_("W", p.add_(update.view_as(p).to(p.dtype), alpha=-group["lr"] * scale))
-        return loss
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
+        beta = group["momentum"]
+        if not state:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        buf = self._q_("M", state["momentum_buffer"].mul_(beta).add_(grad))
+        direction = grad.add(buf, alpha=beta) if group["nesterov"] else buf
+        mat = as_matrices(direction)
+        update = zeropower_via_newtonschulz5(mat, steps=group["ns_steps"], dtype=torch.float32)
+        scale = muon_scale(mat.size(-2), mat.size(-1))
+        self._q_("W", p.add_(update.view_as(p).to(p.dtype), alpha=-group["lr"] * scale))

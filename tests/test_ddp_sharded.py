@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -19,36 +18,24 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "scripts"))
 
-from fsdp_common import free_port, make_model, make_optimizer, momenta, train, worker_env  # noqa: E402
+from fsdp_common import (  # noqa: E402
+    dcp_state,
+    make_model,
+    make_optimizer,
+    momenta,
+    run_two_ranks,
+    save_one_process_checkpoint,
+)
 
 TOL = 1e-5
-HALF = 3
-
-
-def _dcp_state(model, opt):
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    import torch.distributed.checkpoint as dcp
-
     out = tmp_path_factory.mktemp("ddp")
     ckpt1 = str(out / "ckpt1")
-    model = make_model()
-    opt = make_optimizer(model, "muonq")
-    train(model, opt, range(HALF))
-    dcp.save(_dcp_state(model, opt), checkpoint_id=ckpt1)
-    torch.save(momenta(opt), ckpt1 + "_momenta.pt")
-    cmd = [
-        os.path.join(os.path.dirname(sys.executable), "torchrun"),
-        "--nproc_per_node", "2", "--master_port", str(free_port()),
-        os.path.join(HERE, "scripts", "ddp_worker.py"), "--out", str(out), "--ckpt1", ckpt1,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    save_one_process_checkpoint(ckpt1)
+    run_two_ranks("ddp_worker.py", "--out", str(out), "--ckpt1", ckpt1)
     with open(out / "results.json") as f:
         return json.load(f), out
 
@@ -99,7 +86,7 @@ def test_resume_two_to_one(world, kind):
     out = world[1]
     model = make_model(seed=1)
     opt = make_optimizer(model, "muonq", ddp_shard_state=True)  # no process group: the single-process path
-    sd = _dcp_state(model, opt)
+    sd = dcp_state(model, opt)
     dcp.load(sd, checkpoint_id=str(out / "ckpt2_sharded"))
     set_model_state_dict(model, sd["model"])
     if kind == "sharded":

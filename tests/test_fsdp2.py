@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -27,44 +26,28 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "scripts"))
 
 from fsdp_common import (  # noqa: E402
-    free_port,
+    HALF,
+    STEPS,
+    dcp_state,
     make_model,
     make_optimizer,
     momenta,
+    run_two_ranks,
+    save_one_process_checkpoint,
     train,
     worker_env,
 )
 
 TOL = 1e-5
-HALF = 3
-
-
-def _dcp_state(model, opt, full: bool = False):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=full)
-    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt, options=options)}
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Run the 2-rank worker once; returns (results, out_dir)."""
-    import torch.distributed.checkpoint as dcp
-
     out = tmp_path_factory.mktemp("fsdp2")
     ckpt1 = str(out / "ckpt1")
-    model = make_model()
-    opt = make_optimizer(model, "muonq")
-    train(model, opt, range(HALF))
-    dcp.save(_dcp_state(model, opt), checkpoint_id=ckpt1)  # single process: plain tensors
-    torch.save(momenta(opt), ckpt1 + "_momenta.pt")
-    cmd = [
-        os.path.join(os.path.dirname(sys.executable), "torchrun"),
-        "--nproc_per_node", "2", "--master_port", str(free_port()),
-        os.path.join(HERE, "scripts", "fsdp_worker.py"), "--out", str(out), "--ckpt1", ckpt1,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    save_one_process_checkpoint(ckpt1)
+    run_two_ranks("fsdp_worker.py", "--out", str(out), "--ckpt1", ckpt1)
     with open(out / "results.json") as f:
         return json.load(f), out
 
@@ -124,7 +107,7 @@ def test_resume_two_to_one(world, kind):
     model = make_model(seed=1)
     opt = make_optimizer(model, "muonq")
     if kind == "sharded":
-        sd = _dcp_state(model, opt)
+        sd = dcp_state(model, opt)
         dcp.load(sd, checkpoint_id=str(out / "ckpt2_sharded"))
         options = StateDictOptions()
     else:
@@ -137,10 +120,10 @@ def test_resume_two_to_one(world, kind):
     assert got.keys() == saved.keys()
     for i in saved:
         assert torch.equal(got[i], saved[i]), i
-    losses = train(model, opt, range(HALF, 6))
+    losses = train(model, opt, range(HALF, STEPS))
     ref_model = make_model()
     ref_opt = make_optimizer(ref_model, "muonq")
-    ref_losses = train(ref_model, ref_opt, range(6))[HALF:]
+    ref_losses = train(ref_model, ref_opt, range(STEPS))[HALF:]
     assert torch.allclose(torch.tensor(losses), torch.tensor(ref_losses), rtol=TOL, atol=0)
 
 
@@ -194,14 +177,7 @@ def test_fsdp1_refused():
 def trainer_world(tmp_path_factory):
     """`--optim muonq --fsdp full_shard` on 2 CPU ranks (tests/accelerate_cpu_fixture.py enables FSDP on CPU)."""
     out = tmp_path_factory.mktemp("fsdp_trainer")
-    cmd = [
-        os.path.join(os.path.dirname(sys.executable), "torchrun"),
-        "--nproc_per_node", "2", "--master_port", str(free_port()),
-        os.path.join(HERE, "scripts", "fsdp_trainer_worker.py"),
-    ]  # fmt: skip
-    env = {**worker_env(), "FSDP_OUT": str(out)}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run_two_ranks("fsdp_trainer_worker.py", env={**worker_env(), "FSDP_OUT": str(out)})
     results = []
     for rank in range(2):
         with open(out / f"trainer_rank{rank}.json") as f:

@@ -9,13 +9,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from fsdp_common import full_state, make_model, make_optimizer, max_rel_diff, momenta, train, weights
+from fsdp_common import (
+    HALF,
+    STEPS,
+    full_state,
+    make_model,
+    make_optimizer,
+    max_rel_diff,
+    momenta,
+    train,
+    weights,
+    write_results_and_finish,
+)
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -30,7 +40,6 @@ from muonq_hf import state_bytes
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=True)
 SHARDED = StateDictOptions(full_state_dict=False)
-STEPS, HALF = 6, 3
 
 
 def ddp(config: str, shard: bool, seed: int = 0):
@@ -176,11 +185,7 @@ def main() -> None:
     train(ref_model, ref_opt, range(STEPS))
     res["resume_1to2_weights_rel_diff"] = max_rel_diff(weights(model.module), weights(ref_model))
 
-    if rank == 0:
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(res, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    write_results_and_finish(res, args.out, rank)
 
 
 if __name__ == "__main__":

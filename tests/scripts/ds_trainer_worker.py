@@ -27,20 +27,8 @@ import deepspeed.ops  # noqa: E402
 if os.environ.get("MUONQ_DS_SHM") != "1":  # see ds_engine_worker.py: gloo instead of the JIT-built kernel
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
-from datasets import Dataset  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
-
-VOCAB, SEQ = 96, 16
-
-
-def model() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=40, n_layer=2, n_head=4))
-
-
-def data() -> Dataset:
-    ids = torch.randint(0, VOCAB, (64, SEQ), generator=torch.Generator().manual_seed(0))
-    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+from tiny_hf import trainer_worker_data, trainer_worker_model  # noqa: E402
+from transformers import Trainer, TrainingArguments  # noqa: E402
 
 
 def trainer(out: str, config: str, max_steps: int) -> Trainer:
@@ -50,7 +38,7 @@ def trainer(out: str, config: str, max_steps: int) -> Trainer:
         logging_steps=1, report_to="none", seed=0, data_seed=0, lr_scheduler_type="constant",
         dataloader_num_workers=0, save_only_model=False,
     )
-    return Trainer(model=model(), args=args, train_dataset=data())
+    return Trainer(model=trainer_worker_model(), args=args, train_dataset=trainer_worker_data())
 
 
 def main() -> None:

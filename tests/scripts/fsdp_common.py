@@ -4,9 +4,12 @@ an embedding big enough for 8-bit AdamW, norms and biases), its param groups, da
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
+import subprocess
+import sys
 
 import torch
 from torch import nn
@@ -20,6 +23,7 @@ CONFIGS = {
     "muon32": dict(bits=32, normalize=False, rank_divisor=0, mu=0.0),  # plain fp32 Muon (SPEC section 2)
 }
 LR, WD = 0.02, 0.1
+STEPS, HALF = 6, 3  # a resume test trains HALF steps, checkpoints, then continues to STEPS
 
 
 class Toy(nn.Module):
@@ -137,3 +141,46 @@ def worker_env() -> dict[str, str]:
     scripts = os.path.join(root, "tests", "scripts")
     path = os.pathsep.join([root, scripts, os.environ.get("PYTHONPATH", "")])
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+
+
+def dcp_state(model: nn.Module, opt: MuonQ, full: bool = False) -> dict:
+    """The model and optimizer state dicts as Accelerate saves them through torch.distributed.checkpoint."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=full)
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt, options=options)}
+
+
+def save_one_process_checkpoint(ckpt: str) -> None:
+    """The 1-process half of "save on 1, resume on 2": HALF steps of MuonQ, a DCP checkpoint at ``ckpt`` and the
+    dequantized momenta beside it (``ckpt + "_momenta.pt"``) for the 2-rank worker to compare against."""
+    import torch.distributed.checkpoint as dcp
+
+    model = make_model()
+    opt = make_optimizer(model, "muonq")
+    train(model, opt, range(HALF))
+    dcp.save(dcp_state(model, opt), checkpoint_id=ckpt)  # single process: plain tensors
+    torch.save(momenta(opt), ckpt + "_momenta.pt")
+
+
+def run_two_ranks(script: str, *args: str, env: dict[str, str] | None = None) -> None:
+    """``torchrun --nproc_per_node 2 tests/scripts/<script> *args`` (gloo, CPU); fails with the workers' output."""
+    scripts = os.path.dirname(os.path.abspath(__file__))
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "torchrun"),
+        "--nproc_per_node", "2", "--master_port", str(free_port()),
+        os.path.join(scripts, script), *args,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env or worker_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def write_results_and_finish(res: dict, out: str, rank: int) -> None:
+    """Rank 0 writes ``out/results.json`` for the pytest driver; then every rank leaves the process group."""
+    import torch.distributed as dist
+
+    if rank == 0:
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(res, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()

@@ -22,23 +22,11 @@ import accelerate_cpu_fixture  # noqa: E402
 
 accelerate_cpu_fixture.install()
 
-from datasets import Dataset  # noqa: E402
+from tiny_hf import trainer_worker_data, trainer_worker_model  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
+from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from muonq_hf import MuonQ  # noqa: E402
-
-VOCAB, SEQ = 96, 16
-
-
-def model() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=40, n_layer=2, n_head=4))
-
-
-def data() -> Dataset:
-    ids = torch.randint(0, VOCAB, (64, SEQ), generator=torch.Generator().manual_seed(0))
-    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
 
 
 def trainer(out: str, max_steps: int, state_dict_type: str) -> Trainer:
@@ -49,7 +37,7 @@ def trainer(out: str, max_steps: int, state_dict_type: str) -> Trainer:
         save_steps=2, save_strategy="steps", logging_steps=1, report_to="none", seed=0, data_seed=0,
         lr_scheduler_type="constant", dataloader_num_workers=0,
     )  # fmt: skip
-    return Trainer(model=model(), args=args, train_dataset=data())
+    return Trainer(model=trainer_worker_model(), args=args, train_dataset=trainer_worker_data())
 
 
 def full_weights(t: Trainer) -> dict[str, torch.Tensor]:

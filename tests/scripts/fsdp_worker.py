@@ -7,13 +7,14 @@ Usage: torchrun --nproc_per_node 2 tests/scripts/fsdp_worker.py --out DIR --ckpt
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from fsdp_common import (
+    HALF,
+    STEPS,
     full_state,
     make_model,
     make_optimizer,
@@ -21,6 +22,7 @@ from fsdp_common import (
     momenta,
     train,
     weights,
+    write_results_and_finish,
 )
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -37,7 +39,6 @@ from muonq_hf import MuonQ, state_bytes
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=True)  # Accelerate FULL_STATE_DICT
 SHARDED = StateDictOptions(full_state_dict=False)  # Accelerate SHARDED_STATE_DICT (DCP)
-STEPS, HALF = 6, 3
 
 
 def fsdp(config: str, seed: int = 0) -> tuple[torch.nn.Module, MuonQ]:
@@ -195,11 +196,7 @@ def main() -> None:
     except ValueError as e:
         res["tp_error"] = str(e)
 
-    if rank == 0:
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(res, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    write_results_and_finish(res, args.out, rank)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,20 @@ def tiny_model(seed: int = 0, dropout: float = 0.0, n_embd: int = 64, vocab: int
     return GPT2LMHeadModel(config)
 
 
+def trainer_worker_model() -> GPT2LMHeadModel:
+    """The 2-layer GPT-2 of the distributed Trainer workers (FSDP2, DeepSpeed): vocab 96, 16 positions."""
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=16, n_embd=40, n_layer=2, n_head=4))
+
+
+def trainer_worker_data():
+    """64 random sequences of 16 tokens for ``trainer_worker_model``, as a ``datasets.Dataset``."""
+    from datasets import Dataset
+
+    ids = torch.randint(0, 96, (64, 16), generator=torch.Generator().manual_seed(0))
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+
+
 class TinyDataset(torch.utils.data.Dataset):
     """n learnable sequences: token t+1 = (a * token t + b) mod vocab with (a, b, start) drawn per sequence."""
 
