@@ -36,7 +36,8 @@ MAX_GRID_EXTENSIONS = 2
 GRID_PROBE = {"muon": "muon_fp32", "adamw": "adamw"}  # the row whose lr sweep sets its family's lr
 QUALITY_MAIN = [v for v in MAIN_ROWS if v.name != "muon_bf16"]  # Muon bf16 has no --optim name
 CORE_ROWS = ("muon_fp32", "muonq", "naive4", "adamw", "bnb_adamw8bit")  # the rows of the quality targets
-LLAMA_ROWS = ("muon_fp32", "muonq", "adamw", "naive4")
+LLAMA_ROWS = ("muon_fp32", "muonq", "muonq_adam8", "naive4", "adamw", "bnb_adamw8bit")
+MODELS = ("gpt2", "llama")  # each with its own lr grid
 OPTIM_ARGS_ORDER = ("bits", "normalize", "rank_divisor", "mu", "block_size", "store_norm", "stochastic_rounding",
                     "adamw_bits")
 
@@ -153,27 +154,34 @@ def best_lr(cache: dict, model: str, family: str) -> float | None:
 def phases(cache: dict, seeds: tuple[int, ...], full: bool = False) -> list[list[Run]]:
     """Runs in priority order; later phases need the lr grid's result (empty until it is cached).
 
-    Default: the lr grid, GPT-2 main rows on every seed (the target rows first), LLaMA and the ablations on
-    seed 0 (~38 runs of ~1 minute each on an idle CPU core); ``full`` adds the other seeds for LLaMA and the
-    ablations.
+    Default: the lr grids of both models, GPT-2 main rows on every seed (the target rows first), LLaMA rows and
+    the ablations on seed 0 (~50 runs of ~1 minute each on an idle CPU core); ``full`` adds the other seeds for
+    LLaMA and the ablations.
     """
     from .variants import VARIANTS
 
-    grid = [Run("gpt2", VARIANTS[GRID_PROBE[f]], lr, 0) for f in LR_GRID for lr in family_grid(cache, "gpt2", f)[0]]
-    lrs = {f: best_lr(cache, "gpt2", f) for f in LR_GRID}
+    grid = [
+        Run(m, VARIANTS[GRID_PROBE[f]], lr, 0) for m in MODELS for f in LR_GRID for lr in family_grid(cache, m, f)[0]
+    ]
+    lrs = {(m, f): best_lr(cache, m, f) for m in MODELS for f in LR_GRID}
     if None in lrs.values():
         return [grid]
-    main = [Run("gpt2", v, lrs[v.family], s) for v in QUALITY_MAIN for s in seeds[:1]]
+
+    def row(model: str, name: str, seed: int) -> Run:
+        v = VARIANTS[name]
+        return Run(model, v, lrs[model, v.family], seed)
+
+    main = [row("gpt2", v.name, s) for v in QUALITY_MAIN for s in seeds[:1]]
     # the rows the issue's quality targets compare, on the other seeds, before everything else
-    core = [Run("gpt2", VARIANTS[n], lrs[VARIANTS[n].family], s) for s in seeds[1:] for n in CORE_ROWS]
-    llama = [Run("llama", VARIANTS[n], lrs[VARIANTS[n].family], 0) for n in LLAMA_ROWS]
-    ablations = [Run("gpt2", v, lrs["muon"], 0) for v in ABLATION_ROWS]
-    rest = [Run("gpt2", v, lrs[v.family], s) for s in seeds[1:] for v in QUALITY_MAIN if v.name not in CORE_ROWS]
+    core = [row("gpt2", n, s) for s in seeds[1:] for n in CORE_ROWS]
+    llama = [row("llama", n, 0) for n in LLAMA_ROWS]
+    ablations = [row("gpt2", v.name, 0) for v in ABLATION_ROWS]
+    rest = [row("gpt2", v.name, s) for s in seeds[1:] for v in QUALITY_MAIN if v.name not in CORE_ROWS]
     plan = [grid, main, core, llama, ablations, rest]
     if full:
         plan += [
-            [Run("llama", VARIANTS[n], lrs[VARIANTS[n].family], s) for s in seeds[1:] for n in LLAMA_ROWS],
-            [Run("gpt2", v, lrs["muon"], s) for s in seeds[1:] for v in ABLATION_ROWS],
+            [row("llama", n, s) for s in seeds[1:] for n in LLAMA_ROWS],
+            [row("gpt2", v.name, s) for s in seeds[1:] for v in ABLATION_ROWS],
         ]
     return plan
 
@@ -221,21 +229,25 @@ def run_study(
 
 
 def summarize(cache: dict) -> dict:
-    """Per (model, variant) at the family's best lr: mean, std, min, max of final eval loss over seeds."""
+    """Per (model, variant) at the model's best lr for the variant's family: mean, std, min, max over seeds.
+
+    ``lr`` and ``grid`` are keyed by model, then family (each model has its own lr sweep).
+    """
     from .variants import VARIANTS
 
     out: dict = {"lr": {}, "grid": {}, "rows": {}}
-    for model in ("gpt2", "llama"):
+    for model in MODELS:
+        out["lr"][model], out["grid"][model] = {}, {}
         for family in LR_GRID:
-            lr = best_lr(cache, "gpt2", family)
-            out["lr"][family] = lr
-            out["grid"][family] = {
-                f"{lr_:g}": cache[k]["final_eval_loss"]
-                for lr_ in family_grid(cache, "gpt2", family)[0]
-                if (k := f"gpt2/{GRID_PROBE[family]}/lr{lr_:g}/s0") in cache
+            lrs, best = family_grid(cache, model, family)
+            out["lr"][model][family] = best
+            out["grid"][model][family] = {
+                f"{lr:g}": cache[k]["final_eval_loss"]
+                for lr in lrs
+                if (k := f"{model}/{GRID_PROBE[family]}/lr{lr:g}/s0") in cache
             }
         for name, v in VARIANTS.items():
-            lr = out["lr"].get(v.family)
+            lr = out["lr"][model][v.family]
             runs = [r for r in cache.values() if r["model"] == model and r["variant"] == name and r["lr"] == lr]
             if not runs:
                 continue

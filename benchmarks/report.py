@@ -101,16 +101,18 @@ def quality_section(q: dict) -> list[str]:
         f"d={s['n_embd']}, {s['n_head']} heads, block {s['block_size']}, batch {s['per_device_train_batch_size']}, "
         f"{s['max_steps']} steps, {s['warmup_steps']} warm-up steps then cosine, weight decay {s['weight_decay']}, "
         f"AdamW betas (0.9, 0.95) everywhere, eval loss on {s['max_eval_samples']} held-out blocks. One process per "
-        "run, 1 CPU thread. The lr is tuned per family on GPT-2, seed 0: Muon family on fp32 Muon over "
+        "run, 1 CPU thread. The lr is tuned per model and per family on seed 0: Muon family on fp32 Muon over "
         f"{LR_GRID['muon']}, AdamW family on torch AdamW over {LR_GRID['adamw']}, each grid extended by a factor 2 "
-        "past an edge while the best lr sits on it; every row of a family then uses that lr (LLaMA uses the GPT-2 "
-        "lr: no separate LLaMA sweep, for CPU time). The exact command of every run is in "
-        "`results/quality_runs.json`.", "",
-        "lr grid (final eval loss, seed 0): " + "; ".join(
-            f"{fam}: " + ", ".join(f"{lr} -> {loss:.4f}" for lr, loss in grid.items()) + f" (best {q['lr'][fam]})"
-            for fam, grid in q["grid"].items()
-        ), "",
+        "past an edge while the best lr sits on it; every row of a family then uses its model's best lr. The exact "
+        "command of every run is in `results/quality_runs.json`.", "",
+        "lr grid (final eval loss, seed 0):", "",
     ]
+    for model, grids in q["grid"].items():
+        for fam, grid in grids.items():
+            if grid:
+                points = ", ".join(f"{lr} -> {loss:.4f}" for lr, loss in grid.items())
+                lines.append(f"- {model}, {fam}: {points} (best {q['lr'][model][fam]})")
+    lines.append("")
     for model in ("gpt2", "llama"):
         rows = {k.split("/")[1]: r for k, r in q["rows"].items() if k.startswith(model + "/")}
         if not rows:

@@ -13,8 +13,10 @@ row shard of a matrix are a row shard of the codes.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -86,9 +88,7 @@ def _broadcast_scale(scale: torch.Tensor, granularity: str, n: int, block_size: 
     return scale
 
 
-def round_codes(
-    z: torch.Tensor, qmax: int, stochastic: bool, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def round_codes(z: torch.Tensor, qmax: int, stochastic: bool, generator: torch.Generator | None = None) -> torch.Tensor:
     """Round to integers in [-qmax-1, qmax]: nearest-even, or stochastic (unbiased) with ``generator``."""
     if stochastic:
         # drawn on the CPU generator, then moved: the same codes on every device and after a resume
@@ -144,27 +144,72 @@ def dequantize(
 
 
 # ----------------------------------------------------------- blockwise dynamic 8-bit (AdamW's m and v)
-def dynamic_map(signed: bool) -> torch.Tensor:
-    """The 256-entry dynamic quantization map of bitsandbytes (sign, exponent run, linear fraction)."""
+@dataclass(frozen=True)
+class DynamicCodebook:
+    """The 256-entry dynamic map of bitsandbytes, with tables for an exact nearest-entry search.
+
+    ``torch.bucketize`` over the 255 midpoints is a binary search per element, the slowest op of the
+    8-bit AdamW step on CPU. Instead, z's bf16 rounding picks one of 65536 buckets; every fp32 value that
+    rounds to that bf16 lies between its two half-way points, and at most one midpoint of the map falls
+    there (checked when the tables are built), so ``start[bucket] + (threshold[bucket] < z)`` counts the
+    midpoints below z: the same code as ``bucketize``, bit for bit, at two gathers and a compare.
+    """
+
+    values: torch.Tensor  # (256,) fp32, sorted
+    start: torch.Tensor  # (65536,) uint8: midpoints below the lowest value of the bf16 bucket
+    threshold: torch.Tensor  # (65536,) fp32: the next midpoint (+inf past the last)
+
+    def nearest(self, z: torch.Tensor) -> torch.Tensor:
+        """Index (uint8) of the entry nearest to z (ties to the lower entry), as ``bucketize`` on midpoints."""
+        bucket = z.to(torch.bfloat16).view(torch.int16).long()  # negative keys wrap to the upper half
+        return self.start[bucket] + (self.threshold[bucket] < z)
+
+
+@functools.lru_cache(maxsize=8)
+def dynamic_codebook(signed: bool, device: torch.device | str = "cpu") -> DynamicCodebook:
+    """The codebook of bitsandbytes' ``create_dynamic_map(signed)`` on ``device`` (built once, cached)."""
     from bitsandbytes.functional import create_dynamic_map
 
-    return create_dynamic_map(signed=signed).float().sort().values
+    values = create_dynamic_map(signed=signed).float().sort().values  # (256,)
+    midpoints = ((values[1:] + values[:-1]) / 2).double()  # (255,), exact in fp64
+    bf16 = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    bf16 = bf16.roll(2**15)  # index = the uint16 bit pattern
+    below, above = _bf16_neighbours(bf16)
+    center = bf16.double()
+    finite = center.isfinite()
+    low = ((below + center) / 2).where(finite, 0.0)  # every fp32 that rounds to `center` is in [low, high]
+    high = ((center + above) / 2).where(finite, 0.0)
+    start = torch.searchsorted(midpoints, low, right=False)  # midpoints < low
+    end = torch.searchsorted(midpoints, high, right=True)  # midpoints <= high
+    if int((end - start).max()) > 1:
+        raise AssertionError("two midpoints of the dynamic map share a bf16 bucket; the table search is inexact")
+    threshold = torch.cat([midpoints.float(), midpoints.new_tensor([math.inf]).float()])[start]
+    return DynamicCodebook(values.to(device), start.to(torch.uint8).to(device), threshold.to(device))
 
 
-def quantize_dynamic8(x: torch.Tensor, qmap: torch.Tensor, block_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (m, n) -> (codes uint8 (m, n), absmax fp32 (m, ceil(n/block))): nearest entry of ``qmap``.
+def _bf16_neighbours(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next bf16 values below and above each of b (fp64), across the sign change at zero."""
+    bits = b.view(torch.int16).int()
+    positive = bits >= 0
+    up = torch.where(positive, bits + 1, bits - 1).where(bits != -(2**15), 1)  # -0 -> +tiny
+    down = torch.where(positive, bits - 1, bits + 1).where(bits != 0, -(2**15) + 1)  # +0 -> -tiny
+    return tuple(i.to(torch.int16).view(torch.bfloat16).double() for i in (down, up))
+
+
+def quantize_dynamic8(
+    x: torch.Tensor, codebook: DynamicCodebook, block_size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (m, n) -> (codes uint8 (m, n), absmax fp32 (m, ceil(n/block))): nearest entry of the codebook.
 
     Blocks run along rows (not over the flattened tensor) so that row shards own whole blocks.
     """
     absmax = _group_absmax(x, "block", block_size).clamp(min=1e-12)
     z = x / _broadcast_scale(absmax, "block", x.size(-1), block_size)
-    midpoints = (qmap[1:] + qmap[:-1]) / 2
-    codes = torch.bucketize(z.contiguous(), midpoints.to(z.device)).to(torch.uint8)
-    return codes, absmax.float()
+    return codebook.nearest(z), absmax.float()
 
 
 def dequantize_dynamic8(
-    codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor, block_size: int = 256
+    codes: torch.Tensor, absmax: torch.Tensor, codebook: DynamicCodebook, block_size: int = 256
 ) -> torch.Tensor:
-    values = qmap.to(codes.device)[codes.long()]
+    values = codebook.values[codes.long()]
     return values * _broadcast_scale(absmax, "block", codes.size(-1), block_size)

@@ -10,9 +10,10 @@ from typing import Any
 import torch
 
 from .codecs import (
+    DynamicCodebook,
     dequantize,
     dequantize_dynamic8,
-    dynamic_map,
+    dynamic_codebook,
     quantize,
     quantize_dynamic8,
 )
@@ -246,12 +247,13 @@ class MuonQ(torch.optim.Optimizer):
         if quantized is None:
             quantized = group["adamw_bits"] == 8 and p.ndim >= 2 and p.numel() >= ADAMW_8BIT_MIN_NUMEL
         grad = (p.grad if grad is None else grad).float()
+        keys = ("exp_avg", "exp_avg_sq")
         if not state:
             state["step"] = torch.tensor(0.0)
             if quantized:
-                for key in ("exp_avg", "exp_avg_sq"):
-                    state[f"{key}_codes"], state[f"{key}_absmax"] = quantize_dynamic8(
-                        torch.zeros_like(grad).reshape(p.shape[0], -1), _qmap(key), ADAMW_8BIT_BLOCK
+                for k in keys:
+                    state[f"{k}_codes"], state[f"{k}_absmax"] = quantize_dynamic8(
+                        torch.zeros_like(grad).reshape(p.shape[0], -1), _codebook(k, grad.device), ADAMW_8BIT_BLOCK
                     )
             else:
                 state["exp_avg"] = torch.zeros_like(grad)
@@ -260,20 +262,18 @@ class MuonQ(torch.optim.Optimizer):
         state["step"] += 1
         step = state["step"].item()
         if quantized:
-            rows = (p.shape[0], -1)
-            exp_avg = dequantize_dynamic8(state["exp_avg_codes"], state["exp_avg_absmax"], _qmap("exp_avg"))
-            exp_avg_sq = dequantize_dynamic8(
-                state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], _qmap("exp_avg_sq")
+            exp_avg, exp_avg_sq = (
+                dequantize_dynamic8(state[f"{k}_codes"], state[f"{k}_absmax"], _codebook(k, grad.device)).view(p.shape)
+                for k in keys
             )
-            exp_avg, exp_avg_sq = exp_avg.reshape(p.shape), exp_avg_sq.reshape(p.shape)
         else:
             exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         if quantized:
-            for key, value in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-                state[f"{key}_codes"], state[f"{key}_absmax"] = quantize_dynamic8(
-                    value.reshape(rows), _qmap(key), ADAMW_8BIT_BLOCK
+            for k, value in zip(keys, (exp_avg, exp_avg_sq), strict=True):
+                state[f"{k}_codes"], state[f"{k}_absmax"] = quantize_dynamic8(
+                    value.reshape(p.shape[0], -1), _codebook(k, grad.device), ADAMW_8BIT_BLOCK
                 )
         bias1, bias2 = 1 - beta1**step, 1 - beta2**step
         denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(group["eps"])
@@ -307,13 +307,8 @@ class MuonQ(torch.optim.Optimizer):
             engine.localize(self)
 
 
-_QMAPS: dict[str, torch.Tensor] = {}
-
-
-def _qmap(key: str) -> torch.Tensor:
-    if key not in _QMAPS:
-        _QMAPS[key] = dynamic_map(signed=key == "exp_avg")
-    return _QMAPS[key]
+def _codebook(key: str, device: torch.device) -> DynamicCodebook:
+    return dynamic_codebook(signed=key == "exp_avg", device=device)  # m is signed, v is not
 
 
 def _validate_group(group: dict) -> None:

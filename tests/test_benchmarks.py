@@ -132,3 +132,23 @@ def test_lr_grid_grows_past_an_edge_until_the_best_lr_is_bracketed():
     # until both families have a best lr, only the grid phase is planned
     assert [[r.key for r in p] for p in phases(bracketed, (0,))][0][0] == f"gpt2/muon_fp32/lr{base[0] / 2:g}/s0"
     assert len(phases(bracketed, (0,))) == 1
+
+
+def test_each_model_rows_use_that_model_s_own_best_lr():
+    """LLaMA has its own lr sweep: its rows run at LLaMA's best lr, GPT-2's at GPT-2's, per family."""
+    from benchmarks.quality import GRID_PROBE, LR_GRID, family_grid, phases, summarize
+
+    best = {("gpt2", "muon"): LR_GRID["muon"][1], ("gpt2", "adamw"): LR_GRID["adamw"][1],
+            ("llama", "muon"): LR_GRID["muon"][0] / 2, ("llama", "adamw"): LR_GRID["adamw"][2] * 2}
+    cache = {}
+    for (model, family), lr_best in best.items():
+        while (grid := family_grid(cache, model, family))[1] is None:  # train the grid, V-shaped around lr_best
+            for lr in grid[0]:
+                row = dict(model=model, variant=GRID_PROBE[family], lr=lr, seed=0, final_eval_loss=abs(lr - lr_best))
+                cache[f"{model}/{GRID_PROBE[family]}/lr{lr:g}/s0"] = row
+    plan = phases(cache, (0, 1), full=True)
+    llama_rows = [r for p in plan[1:] for r in p if r.model == "llama"]
+    assert {r.variant.name for r in llama_rows} >= {"muonq_adam8", "bnb_adamw8bit"}
+    assert all(r.lr == best["llama", r.variant.family] for r in llama_rows)
+    assert all(r.lr == best["gpt2", r.variant.family] for p in plan[1:] for r in p if r.model == "gpt2")
+    assert summarize(cache)["lr"] == {m: {f: best[m, f] for f in LR_GRID} for m in ("gpt2", "llama")}

@@ -9,7 +9,7 @@ from muonq_hf.codecs import (
     compand,
     dequantize,
     dequantize_dynamic8,
-    dynamic_map,
+    dynamic_codebook,
     expand,
     pack4,
     quantize,
@@ -104,16 +104,38 @@ def test_stochastic_rounding_is_unbiased_and_reproducible():
 
 
 @pytest.mark.parametrize("signed", [True, False])
+def test_dynamic8_table_search_equals_bucketize_bit_for_bit(signed):
+    """The bf16-bucket table search must give torch.bucketize's code for every input, ties included."""
+    codebook = dynamic_codebook(signed)
+    midpoints = (codebook.values[1:] + codebook.values[:-1]) / 2
+    torch.manual_seed(0)
+    uniform = torch.rand(200_000) * 2 - 1
+    gaussian = torch.randn(200_000).clamp(-1, 1)
+    tiny = torch.randn(50_000) * 1e-6  # the map's densest region, near zero
+    edges = torch.cat([midpoints, codebook.values])
+    nudged = torch.cat([torch.nextafter(edges, edges + 1), torch.nextafter(edges, edges - 1)])
+    special = torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-40, -1e-40, 1.1754944e-38, -1.1754944e-38, 0.99999994])
+    # every bf16 value in [-1, 1] and both fp32 neighbours of it: the bucket boundaries
+    bf16 = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    bf16 = bf16[bf16.abs() <= 1]
+    near = torch.cat([bf16, torch.nextafter(bf16, bf16 + 1), torch.nextafter(bf16, bf16 - 1)])
+    z = torch.cat([uniform, gaussian, tiny, edges, nudged, special, near])
+    z = z if signed else z.abs()
+    assert torch.equal(codebook.nearest(z), torch.bucketize(z, midpoints).to(torch.uint8))
+
+
+@pytest.mark.parametrize("signed", [True, False])
 def test_dynamic8_picks_the_nearest_entry_and_matches_bitsandbytes(signed):
     import bitsandbytes.functional as F
 
     torch.manual_seed(0)
     x = torch.randn(8, 512)
     x = x if signed else x.square()
-    qmap = dynamic_map(signed)
-    codes, absmax = quantize_dynamic8(x, qmap)
+    codebook = dynamic_codebook(signed)
+    qmap = codebook.values
+    codes, absmax = quantize_dynamic8(x, codebook)
     assert codes.dtype == torch.uint8 and absmax.shape == (8, 2)
-    y = dequantize_dynamic8(codes, absmax, qmap)
+    y = dequantize_dynamic8(codes, absmax, codebook)
     # nearest map entry: no other entry of the block's map is closer
     z = x / absmax.repeat_interleave(256, dim=-1)
     best = (z.unsqueeze(-1) - qmap).abs().amin(dim=-1)
