@@ -168,6 +168,12 @@ def targets_section(mem: dict | None, q: dict | None) -> list[str]:
             n = f"n={len(mq['seeds'])}/{len(ref['seeds'])}"
             lines.append(f"| {model}: MuonQ eval loss within 1% of fp32 Muon | {mq['mean']:.4f} vs {ref['mean']:.4f}"
                          f" ({rel:+.2f}%, {n}) | {_within(rel)} |")
+            if "muonq_fp32" in rows:  # the 4-bit storage alone, against the same algorithm in fp32
+                full = rows["muonq_fp32"]
+                rel_q = (mq["mean"] / full["mean"] - 1) * 100
+                lines.append(f"| {model}: MuonQ 4-bit within 1% of MuonQ fp32 (quantization only) | {mq['mean']:.4f}"
+                             f" vs {full['mean']:.4f} ({rel_q:+.2f}%, n={len(mq['seeds'])}/{len(full['seeds'])}) | "
+                             f"{_within(rel_q)} |")
             for base in ("adamw", "bnb_adamw8bit"):
                 if base in rows:
                     b = rows[base]
@@ -281,9 +287,10 @@ def write_report(out: Path) -> Path:
         lines += quality_section(q)
         plot_curves(load_cache(), q, out / "loss_curves.png")
         plot_final_losses(q, out / "final_losses.png")
-    notes = Path(__file__).resolve().parent / "DISCUSSION.md"
-    if notes.exists():
-        lines += [notes.read_text()]
+    for notes in ("DISCUSSION.md", "DISTRIBUTED.md"):  # hand-written: the discussion, the multi-process figures
+        notes_path = Path(__file__).resolve().parent / notes
+        if notes_path.exists():
+            lines += [notes_path.read_text()]
     path = out / "RESULTS.md"
     path.write_text("\n".join(lines))
     print(f"wrote {path}")

@@ -52,6 +52,8 @@ ABLATION_ROWS = [
     Variant("muonq_store_norm", "MuonQ + stored norm", "muonq", dict(store_norm=True)),
     Variant("muonq_sr", "MuonQ + stochastic rounding", "muonq", dict(stochastic_rounding=True)),
     Variant("muonq_8bit", "MuonQ 8-bit", "muonq", dict(bits=8)),
+    # the same algorithm without quantization: separates MuonQ's 4-bit error from its algorithmic changes
+    Variant("muonq_fp32", "MuonQ fp32 (no quantization)", "muonq", dict(bits=32)),
 ]
 VARIANTS: dict[str, Variant] = {v.name: v for v in MAIN_ROWS + ABLATION_ROWS}
 

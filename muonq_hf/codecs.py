@@ -32,14 +32,15 @@ def compand(x: torch.Tensor, mu: float) -> torch.Tensor:
     """
     if mu == 0:
         return x
-    return x.sign() * torch.log1p(mu * x.abs()) / math.log1p(mu)
+    # copysign and in-place steps: the same values as sign(x) * ..., in 3 passes over x instead of 6
+    return torch.copysign(torch.log1p(x.abs().mul_(mu)).div_(math.log1p(mu)), x)
 
 
 def expand(y: torch.Tensor, mu: float) -> torch.Tensor:
     """C^-1(y) = sign(y) ((1 + mu)^|y| - 1) / mu. Identity for mu = 0."""
     if mu == 0:
         return y
-    return y.sign() * torch.expm1(y.abs() * math.log1p(mu)) / mu
+    return torch.copysign(torch.expm1(y.abs().mul_(math.log1p(mu))).div_(mu), y)
 
 
 # ------------------------------------------------------------------------------------------- 4-bit packing

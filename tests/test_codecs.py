@@ -39,6 +39,17 @@ def test_compand_is_a_bijection_beyond_unit_interval():
     assert torch.equal(compand(x, 0.0), x)
 
 
+@pytest.mark.parametrize("mu", [15.0, 255.0])
+def test_compand_and_expand_equal_the_spec_formulas_and_leave_inputs_alone(mu):
+    """C(x) = sign(x) ln(1 + mu|x|) / ln(1 + mu) and its inverse, element for element (no tolerance)."""
+    x = torch.cat([torch.randn(10_000), torch.randn(10_000) * 1e-6, torch.tensor([0.0, 1.0, -1.0, 3.0])])
+    x_before = x.clone()
+    y = compand(x, mu)
+    assert torch.equal(y, x.sign() * torch.log1p(mu * x.abs()) / math.log1p(mu))
+    assert torch.equal(expand(y, mu), y.sign() * torch.expm1(y.abs() * math.log1p(mu)) / mu)
+    assert torch.equal(x, x_before)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_linear_code_error_is_at_most_half_a_step(bits):
     x = torch.randn(2, 33, 47)
