@@ -157,13 +157,19 @@ class DynamicCodebook:
     """
 
     values: torch.Tensor  # (256,) fp32, sorted
-    start: torch.Tensor  # (65536,) uint8: midpoints below the lowest value of the bf16 bucket
-    threshold: torch.Tensor  # (65536,) fp32: the next midpoint (+inf past the last)
+    start: torch.Tensor  # (65536,) uint8 by bucket: midpoints below the lowest value of the bf16 bucket
+    threshold: torch.Tensor  # (65536,) fp32 by bucket: the next midpoint (+inf past the last)
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """Index (uint8) of the entry nearest to z (ties to the lower entry), as ``bucketize`` on midpoints."""
-        bucket = z.to(torch.bfloat16).view(torch.int16).long()  # negative keys wrap to the upper half
-        return self.start[bucket] + (self.threshold[bucket] < z)
+        # bucket = the bf16 bit pattern as a signed int16 + 2^15; int32 index_select is the fastest CPU gather
+        bucket = z.to(torch.bfloat16).view(torch.int16).int().add_(2**15).flatten()
+        code = self.start.index_select(0, bucket) + (self.threshold.index_select(0, bucket) < z.flatten())
+        return code.view(z.shape)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """The map's entries at ``codes`` (uint8), fp32, same shape."""
+        return self.values.index_select(0, codes.flatten().int()).view(codes.shape)
 
 
 @functools.lru_cache(maxsize=8)
@@ -173,8 +179,7 @@ def dynamic_codebook(signed: bool, device: torch.device | str = "cpu") -> Dynami
 
     values = create_dynamic_map(signed=signed).float().sort().values  # (256,)
     midpoints = ((values[1:] + values[:-1]) / 2).double()  # (255,), exact in fp64
-    bf16 = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
-    bf16 = bf16.roll(2**15)  # index = the uint16 bit pattern
+    bf16 = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)  # by bucket
     below, above = _bf16_neighbours(bf16)
     center = bf16.double()
     finite = center.isfinite()
@@ -212,5 +217,4 @@ def quantize_dynamic8(
 def dequantize_dynamic8(
     codes: torch.Tensor, absmax: torch.Tensor, codebook: DynamicCodebook, block_size: int = 256
 ) -> torch.Tensor:
-    values = codebook.values[codes.long()]
-    return values * _broadcast_scale(absmax, "block", codes.size(-1), block_size)
+    return codebook.decode(codes) * _broadcast_scale(absmax, "block", codes.size(-1), block_size)
