@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny models, few repeats (seconds)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for results/, RESULTS.md, PNGs")
     parser.add_argument("--shape", default="gpt2-small-2l", help="speed model (see benchmarks/models.py)")
-    parser.add_argument("--rounds", type=int, default=7, help="timed steps per row (speed)")
+    parser.add_argument("--rounds", type=int, default=9, help="timed steps per row (speed)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared CPU)")
     parser.add_argument("--run", action="store_true", help="quality: train the missing runs (long, resumable)")
     parser.add_argument("--seeds", type=int, default=3, help="quality: seeds per row")

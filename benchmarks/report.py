@@ -12,7 +12,7 @@ COMMANDS = """```bash
 make bench                                   # = .venv/bin/python -m benchmarks all: memory, speed, quality summary
                                              #   of the cached runs, report (5-8 min on a shared 2-core CPU)
 .venv/bin/python -m benchmarks memory        # results/memory.json (seconds)
-.venv/bin/python -m benchmarks speed         # results/speed.json (CPU, 1 thread, 2 warm-up + 7 timed steps per row)
+.venv/bin/python -m benchmarks speed         # results/speed.json (CPU, 1 thread, 2 warm-up + 9 timed steps per row)
 nohup .venv/bin/python -m benchmarks quality --run > runs/bench_quality/driver.log 2>&1 &   # the training study
 #   (resumable: finished runs are cached in results/quality_runs.json, a stopped run resumes from its last
 #    checkpoint; `--worker 0/2` and `--worker 1/2` split it over two processes; `--full` adds seeds 1-2 for

@@ -78,7 +78,8 @@ def _group_absmax(y: torch.Tensor, granularity: str, block_size: int | None) -> 
     if granularity == "block":
         n = y.size(-1)
         nb = -(-n // block_size)
-        a = torch.nn.functional.pad(a, (0, nb * block_size - n))
+        if n % block_size:
+            a = torch.nn.functional.pad(a, (0, nb * block_size - n))
         return a.unflatten(-1, (nb, block_size)).amax(dim=-1)  # (..., m, nb)
     raise ValueError(f"granularity must be 'matrix', 'column' or 'block', got {granularity!r}")
 
