@@ -8,7 +8,6 @@ all-reduce sums (fp32 ulps), hence the same tolerance as tests/test_fsdp2.py (me
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -19,12 +18,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "scripts"))
 
 from fsdp_common import (  # noqa: E402
+    checkpoint_and_run_world,
     dcp_state,
     make_model,
     make_optimizer,
     momenta,
-    run_two_ranks,
-    save_one_process_checkpoint,
 )
 
 TOL = 1e-5
@@ -33,11 +31,7 @@ TOL = 1e-5
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    ckpt1 = str(out / "ckpt1")
-    save_one_process_checkpoint(ckpt1)
-    run_two_ranks("ddp_worker.py", "--out", str(out), "--ckpt1", ckpt1)
-    with open(out / "results.json") as f:
-        return json.load(f), out
+    return checkpoint_and_run_world("ddp_worker.py", str(out)), out
 
 
 @pytest.mark.parametrize("config", ["muonq", "muon32"])

@@ -28,12 +28,12 @@ sys.path.insert(0, os.path.join(HERE, "scripts"))
 from fsdp_common import (  # noqa: E402
     HALF,
     STEPS,
+    checkpoint_and_run_world,
     dcp_state,
     make_model,
     make_optimizer,
     momenta,
     run_two_ranks,
-    save_one_process_checkpoint,
     train,
     worker_env,
 )
@@ -45,11 +45,7 @@ TOL = 1e-5
 def world(tmp_path_factory):
     """Run the 2-rank worker once; returns (results, out_dir)."""
     out = tmp_path_factory.mktemp("fsdp2")
-    ckpt1 = str(out / "ckpt1")
-    save_one_process_checkpoint(ckpt1)
-    run_two_ranks("fsdp_worker.py", "--out", str(out), "--ckpt1", ckpt1)
-    with open(out / "results.json") as f:
-        return json.load(f), out
+    return checkpoint_and_run_world("fsdp_worker.py", str(out)), out
 
 
 @pytest.mark.parametrize("config", ["muonq", "muon32"])

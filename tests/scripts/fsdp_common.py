@@ -175,6 +175,15 @@ def run_two_ranks(script: str, *args: str, env: dict[str, str] | None = None) ->
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
+def checkpoint_and_run_world(script: str, out: str) -> dict:
+    """Save the 1-process checkpoint under ``out/ckpt1``, run the 2-rank ``script`` on it, return its results."""
+    ckpt1 = os.path.join(out, "ckpt1")
+    save_one_process_checkpoint(ckpt1)
+    run_two_ranks(script, "--out", out, "--ckpt1", ckpt1)
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f)
+
+
 def write_results_and_finish(res: dict, out: str, rank: int) -> None:
     """Rank 0 writes ``out/results.json`` for the pytest driver; then every rank leaves the process group."""
     import torch.distributed as dist
