@@ -16,7 +16,7 @@ from torch import nn
 from muonq_hf.codecs import packed_width
 from muonq_hf.lowrank import rank_for
 from muonq_hf.memory import state_bytes
-from muonq_hf.optimizer import ADAMW_8BIT_BLOCK, ADAMW_8BIT_MIN_NUMEL, ADAMW_DEFAULTS, MUON_DEFAULTS, MuonQ
+from muonq_hf.optimizer import ADAMW_8BIT_BLOCK, ADAMW_8BIT_MIN_NUMEL, ADAMW_DEFAULTS, MUON_DEFAULTS
 
 from .models import build_model
 from .variants import MAIN_ROWS, Variant, make_optimizer, muon_groups
@@ -81,19 +81,9 @@ def analytic_bytes(model: nn.Module, variant: Variant) -> dict[str, int]:
 
 
 def measured_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """Bytes of the optimizer's state tensors, each storage counted once (bnb shares its qmaps)."""
-    if isinstance(optimizer, MuonQ):  # the package's own accounting (no shared storages in MuonQ's state)
-        report = state_bytes(optimizer)
-        return {"muon": report["muon"]["total"], "adamw": report["adamw"]["total"], "total": report["total"]}
-    seen: set[int] = set()
-    out = {"muon": 0, "adamw": 0}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for value in optimizer.state.get(p, {}).values():
-                if torch.is_tensor(value) and value.data_ptr() not in seen:
-                    seen.add(value.data_ptr())
-                    out["muon" if group.get("use_muon") else "adamw"] += value.numel() * value.element_size()
-    return {**out, "total": out["muon"] + out["adamw"]}
+    """Bytes of the optimizer's state tensors (``state_bytes``: each storage counted once, bnb shares its qmaps)."""
+    report = state_bytes(optimizer)
+    return {"muon": report["muon"]["total"], "adamw": report["adamw"]["total"], "total": report["total"]}
 
 
 def measure_after_one_step(model: nn.Module, variant: Variant, seed: int = 0) -> dict[str, int]:

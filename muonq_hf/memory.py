@@ -20,24 +20,27 @@ def state_kind(key: str) -> str:
     return "other"
 
 
-def tensor_bytes(t: torch.Tensor) -> int:
-    local = t.to_local() if hasattr(t, "to_local") else t
-    return local.numel() * local.element_size()
-
-
 def state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, int] | int]:
     """Bytes of every state tensor, split by group kind ("muon"/"adamw") and tensor kind.
 
     Returns {"muon": {kind: bytes, ..., "total": b}, "adamw": {...}, "total": b}. The step counters are
-    "other". Works for any torch optimizer (groups without ``use_muon`` count as "adamw").
+    "other". Works for any torch optimizer (groups without ``use_muon`` count as "adamw"). A tensor shared by
+    several parameters' states (bitsandbytes' quantization maps) is counted once.
     """
     report: dict[str, dict[str, int]] = {g: {k: 0 for k in (*KINDS, "total")} for g in ("muon", "adamw")}
+    seen: set[tuple[int, int]] = set()
     for group in optimizer.param_groups:
         part = report["muon" if group.get("use_muon") else "adamw"]
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
-                if torch.is_tensor(value):
-                    n = tensor_bytes(value)
-                    part[state_kind(key)] += n
-                    part["total"] += n
+                if not torch.is_tensor(value):
+                    continue
+                local = value.to_local() if hasattr(value, "to_local") else value
+                storage = (local.data_ptr(), local.numel())
+                if local.numel() and storage in seen:
+                    continue
+                seen.add(storage)
+                n = local.numel() * local.element_size()
+                part[state_kind(key)] += n
+                part["total"] += n
     return {**report, "total": report["muon"]["total"] + report["adamw"]["total"]}

@@ -65,3 +65,21 @@ def test_state_bytes_splits_groups_and_kinds():
     # fp32 AdamW for comparison: the 8-bit moments are ~4x smaller
     opt32 = one_step([dict(params=[nn.Parameter(torch.zeros(1000, 64))])])
     assert state_bytes(opt32)["adamw"]["moments"] == 2 * 1000 * 64 * 4
+
+
+def test_state_bytes_counts_bitsandbytes_shared_qmaps_once():
+    """bnb's AdamW8bit gives every 8-bit parameter the same two 256-entry fp32 maps: count them once."""
+    import bitsandbytes as bnb
+
+    big = torch.nn.Parameter(torch.randn(64, 128))  # 8192 >= bnb's min_8bit_size 4096: 8-bit moments
+    small = torch.nn.Parameter(torch.randn(10))  # below it: fp32 moments
+    big2 = torch.nn.Parameter(torch.randn(64, 128))
+    opt = bnb.optim.AdamW8bit([big, small, big2], lr=1e-3)
+    for p in (big, small, big2):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.state[big]["qmap1"].data_ptr() == opt.state[big2]["qmap1"].data_ptr()  # shared, as assumed
+    codes = 2 * 8192  # state1, state2: uint8
+    absmax = 2 * 4 * (8192 // 256)  # fp32 per 256-element block, two moments
+    qmaps = 2 * 256 * 4
+    assert state_bytes(opt)["total"] == 2 * (codes + absmax) + qmaps + 2 * 10 * 4
