@@ -160,11 +160,9 @@ def _dequantize_by_table(codes: torch.Tensor, scale: torch.Tensor, n: int, bits:
     qmax = QMAX[bits]
     levels = torch.arange(-qmax - 1, qmax + 1, dtype=torch.float32, device=codes.device)  # (2^bits,)
     values = expand(levels * scale.float().reshape(k, 1), mu)  # (k, 2^bits): C^-1(q s) for q = -qmax-1..qmax
-    byte = torch.arange(256, device=codes.device)
-    if bits == 4:  # byte = (q_lo + 8) | (q_hi + 8) << 4
-        table = torch.stack((values[:, byte & 15], values[:, byte >> 4]), dim=-1)  # (k, 256, 2)
-    else:  # byte = the int8 code viewed as uint8
-        table = values[:, (byte + qmax + 1) % 256].unsqueeze(-1)  # (k, 256, 1)
+    byte = torch.arange(256, dtype=torch.uint8, device=codes.device).unsqueeze(-1)  # (256, 1)
+    codes_in_byte = unpack4(byte, 2) if bits == 4 else byte.view(torch.int8)  # (256, codes per byte)
+    table = values[:, codes_in_byte.long() + qmax + 1]  # (k, 256, codes per byte)
     index = codes.reshape(k, m * width).int()
     if k > 1:  # matrix i reads rows [256 i, 256 i + 256) of the stacked tables
         index = index + 256 * torch.arange(k, dtype=torch.int32, device=codes.device).unsqueeze(-1)
