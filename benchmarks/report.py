@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .quality import LR_GRID, SCHEDULE, load_cache
+from .quality import LR_GRID, MODELS, SCHEDULE, load_cache
 from .variants import ABLATION_ROWS, MAIN_ROWS, VARIANTS
 
 COMMANDS = """```bash
@@ -113,7 +113,7 @@ def quality_section(q: dict) -> list[str]:
                 points = ", ".join(f"{lr} -> {loss:.4f}" for lr, loss in grid.items())
                 lines.append(f"- {model}, {fam}: {points} (best {q['lr'][model][fam]})")
     lines.append("")
-    for model in ("gpt2", "llama"):
+    for model in MODELS:
         rows = {k.split("/")[1]: r for k, r in q["rows"].items() if k.startswith(model + "/")}
         if not rows:
             continue
@@ -159,7 +159,7 @@ def targets_section(mem: dict | None, q: dict | None) -> list[str]:
         lines.append("| MuonQ Muon-part ratio >= 7x vs fp32 Muon | " + ", ".join(f"{s} {v:.2f}x" for s, v in
                      ratios.items()) + f" | {'yes' if all(v >= 7 for v in ratios.values()) else 'no'} |")
     if q:
-        for model in ("gpt2", "llama"):
+        for model in MODELS:
             rows = {k.split("/")[1]: r for k, r in q["rows"].items() if k.startswith(model + "/")}
             if not {"muon_fp32", "muonq"} <= set(rows):
                 continue
@@ -223,7 +223,7 @@ def plot_curves(cache: dict, q: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = [m for m in ("gpt2", "llama") if any(k.startswith(m + "/") for k in q["rows"])]
+    models = [m for m in MODELS if any(k.startswith(m + "/") for k in q["rows"])]
     fig, axes = plt.subplots(1, max(len(models), 1), figsize=(6.5 * max(len(models), 1), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models, strict=False):
         for v in MAIN_ROWS:

@@ -15,7 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from fsdp_common import (
+    FULL,
     HALF,
+    SHARDED,
     STEPS,
     full_state,
     make_model,
@@ -27,7 +29,6 @@ from fsdp_common import (
     write_results_and_finish,
 )
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -37,9 +38,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import muonq_hf.distributed as mdist
 from muonq_hf import state_bytes
-
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=True)
-SHARDED = StateDictOptions(full_state_dict=False)
 
 
 def ddp(config: str, shard: bool, seed: int = 0):

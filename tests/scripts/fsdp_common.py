@@ -13,9 +13,14 @@ import sys
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 from muonq_hf.lowrank import rank_for
 from muonq_hf.optimizer import MuonQ, _load_momentum, layout_of
+
+# the two ways Accelerate saves a distributed state: FULL_STATE_DICT, and SHARDED_STATE_DICT (DCP)
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=True)
+SHARDED = StateDictOptions(full_state_dict=False)
 
 D, VOCAB, BATCH, SEQ = 32, 129, 8, 6  # VOCAB * D = 4128 >= 4096: the embedding takes the 8-bit AdamW path
 CONFIGS = {
@@ -145,7 +150,7 @@ def worker_env() -> dict[str, str]:
 
 def dcp_state(model: nn.Module, opt: MuonQ, full: bool = False) -> dict:
     """The model and optimizer state dicts as Accelerate saves them through torch.distributed.checkpoint."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=full)
     return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt, options=options)}

@@ -13,7 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from fsdp_common import (
+    FULL,
     HALF,
+    SHARDED,
     STEPS,
     full_state,
     make_model,
@@ -25,7 +27,6 @@ from fsdp_common import (
     write_results_and_finish,
 )
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -36,9 +37,6 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 import muonq_hf.distributed as mdist
 from muonq_hf import MuonQ, state_bytes
-
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=True)  # Accelerate FULL_STATE_DICT
-SHARDED = StateDictOptions(full_state_dict=False)  # Accelerate SHARDED_STATE_DICT (DCP)
 
 
 def fsdp(config: str, seed: int = 0) -> tuple[torch.nn.Module, MuonQ]:
