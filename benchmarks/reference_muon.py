@@ -9,23 +9,21 @@ from __future__ import annotations
 
 import torch
 
-from muonq_hf.optimizer import MuonQ, layout_of
-from muonq_hf.orthogonalize import muon_scale, zeropower_via_newtonschulz5
+from muonq_hf.matrices import plan_of
+from muonq_hf.momentum import apply_update, orthogonalized_update
+from muonq_hf.optimizer import MuonQ
 
 
 class MuonBF16(MuonQ):
     """Plain Muon (SPEC section 2) with ``momentum_buffer`` kept in bf16; AdamW groups as in MuonQ."""
 
     def _muon_step(self, p: torch.Tensor, group: dict, index: int) -> None:
-        layout = layout_of(p, group)
-        G = layout.to_pieces(p.grad.reshape(layout.m, layout.n).float())  # (k, mp, np)
+        plan = plan_of(p, group)
+        G = plan.view(p.grad.float())  # (E, m, n)
         state = self.state[p]
         if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros(layout.m, layout.n, dtype=torch.bfloat16, device=p.device)
-        M = group["momentum"] * layout.to_pieces(state["momentum_buffer"]).float() + G  # fp32 arithmetic
-        state["momentum_buffer"].copy_(layout.to_rows(M))  # rounded to bf16 on storage
+            state["momentum_buffer"] = torch.zeros(G.shape, dtype=torch.bfloat16, device=p.device)
+        M = group["momentum"] * state["momentum_buffer"].float() + G  # fp32 arithmetic
+        state["momentum_buffer"].copy_(M)  # rounded to bf16 on storage
         U_in = G + group["momentum"] * M if group["nesterov"] else M
-        U = zeropower_via_newtonschulz5(U_in, group["ns_steps"]).float()  # (k, mp, np)
-        mp, np_ = layout.piece_shape
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(layout.to_rows(U).reshape(p.shape).to(p.dtype), alpha=-group["lr"] * muon_scale(mp, np_))
+        apply_update(p, orthogonalized_update(plan, U_in, group["ns_steps"]), group["lr"], group["weight_decay"])

@@ -44,8 +44,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .optimizer import MuonQ, layout_of, muonq_update
-from .orthogonalize import muon_scale
+from .momentum import apply_update
+from .optimizer import MuonQ, muon_update
 
 SUPPORTED_STAGES = (1, 2)
 _STATE_PREFIX = "m"  # Muon state of the matrix with index i is stored under "m{i}.{key}" in the flat state
@@ -259,22 +259,19 @@ class DeepSpeedMuonQ(MuonQ):
                 for lp_slice, hp_slice in _fragment(p):
                     buf[start + lp_slice.start : start + lp_slice.stop] = flat.grad[hp_slice]
             dist.reduce(buf, dst=_global_rank(pg, owner), group=pg)
-            if rank == owner:  # buf now holds this owner's whole gradients; reuse it for the updates
+            if rank == owner:  # buf now holds this owner's whole gradients; reuse it for the scaled updates
                 for (i, p), start in zip(owned, offsets, strict=False):
-                    layout = layout_of(p, group)
-                    G = layout.to_pieces(buf[start : start + p.numel()].view(layout.m, layout.n))  # (k, mp, np)
                     mstate = _substate(state, i)
-                    U = muonq_update(G, mstate, group, layout, i)  # (k, mp, np)
+                    update = muon_update(buf[start : start + p.numel()].view(p.shape), mstate, group, i)
                     _store_substate(state, i, mstate)
-                    buf[start : start + p.numel()] = layout.to_rows(U).reshape(-1)
+                    buf[start : start + p.numel()] = update.reshape(-1)
                     self.ns_calls += 1
             dist.broadcast(buf, src=_global_rank(pg, owner), group=pg)
             for (_, p), start in zip(owned, offsets, strict=False):
-                alpha = -group["lr"] * muon_scale(*layout_of(p, group).piece_shape)
                 for lp_slice, hp_slice in _fragment(p):
                     master = flat[hp_slice]  # view of this rank's fp32 master weights
-                    master.mul_(1 - group["lr"] * group["weight_decay"])  # same elementwise ops as MuonQ._muon_step
-                    master.add_(buf[start + lp_slice.start : start + lp_slice.stop], alpha=alpha)
+                    update = buf[start + lp_slice.start : start + lp_slice.stop]
+                    apply_update(master, update, group["lr"], group["weight_decay"])  # the ops of every backend
 
 
 def _offsets(sizes: list[int]) -> list[int]:

@@ -35,8 +35,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from .optimizer import MatrixLayout, layout_of, muon_scale, muonq_update
-from .orthogonalize import ns_dtype_for, zeropower_via_newtonschulz5
+from .matrices import MatrixPlan, is_row_key, plan_of
+from .momentum import apply_update, momentum_step, orthogonalized_update
+from .orthogonalize import ns_dtype_for
 
 if TYPE_CHECKING:
     from .optimizer import MuonQ
@@ -46,18 +47,8 @@ try:
 except ImportError:  # torch built without distributed support
     DTensor = Shard = None  # type: ignore[assignment,misc]
 
-# State entries laid out like the parameter's rows (sharded with it); everything else is replicated.
-ROW_KEYS = frozenset({"res_codes", "P_codes", "res", "P"})
-ZERO_CODE = {4: 0x88, 8: 0}  # the byte of two 4-bit zero codes / one 8-bit zero code
-
-
 def is_dtensor(t: Any) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
-
-
-def is_row_sharded(key: str, value: torch.Tensor) -> bool:
-    """Whether a Muon state entry is row-aligned with W: codes, P, and block-wise residual scales (m, nb)."""
-    return key in ROW_KEYS or (key == "res_scale" and value.ndim == 2)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -127,61 +118,6 @@ def _all_reduce(op: Any, group: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     return reduce
 
 
-@dataclass
-class RowShard:
-    """The rows [start, start + count) of an (m, n) matrix view that this rank holds, as padded pieces."""
-
-    layout: MatrixLayout
-    start: int
-    count: int
-    chunk: int  # rows per rank in FSDP's padded layout, ceil(m / world)
-
-    @property
-    def piece_rows(self) -> list[tuple[int, int]]:
-        """Local row range [lo, hi) (in local row numbering) of each piece; all rows for split_dim=1."""
-        lay = self.layout
-        if lay.split_dim == 1 or lay.k == 1:
-            return [(0, self.count)] * lay.k
-        mp, end = lay.m // lay.k, self.start + self.count
-        ranges = []
-        for j in range(lay.k):  # piece j is rows [j*mp, (j+1)*mp) of the matrix
-            lo = min(max(self.start, j * mp), end)
-            hi = max(lo, min(end, (j + 1) * mp))
-            ranges.append((lo - self.start, hi - self.start))
-        return ranges
-
-    @property
-    def padded_rows(self) -> int:
-        """L, the rows per piece of the padded local view (>= 1 so that empty shards still reduce)."""
-        return max(1, max(hi - lo for lo, hi in self.piece_rows))
-
-    def pad(self, rows: torch.Tensor, fill: float) -> torch.Tensor:
-        """Local row layout (count, k*w or w) -> padded pieces (k, L, w)."""
-        lay, L = self.layout, self.padded_rows
-        if lay.split_dim == 1 or lay.k == 1:
-            pieces = lay.to_pieces(rows)  # (k, count, w)
-            out = pieces.new_full((lay.k, L, pieces.size(-1)), fill)
-            out[:, : self.count] = pieces
-            return out
-        out = rows.new_full((lay.k, L, rows.size(-1)), fill)
-        for j, (lo, hi) in enumerate(self.piece_rows):
-            out[j, : hi - lo] = rows[lo:hi]
-        return out
-
-    def unpad(self, pieces: torch.Tensor) -> torch.Tensor:
-        """Padded pieces (k, L, w) -> local row layout (count, ...)."""
-        lay = self.layout
-        if lay.split_dim == 1 or lay.k == 1:
-            return lay.to_rows(pieces[:, : self.count])
-        return torch.cat([pieces[j, : hi - lo] for j, (lo, hi) in enumerate(self.piece_rows)])
-
-
-def _fill(key: str, group: dict) -> float:
-    if key.endswith("_codes"):
-        return float(ZERO_CODE[group["bits"]])
-    return 1.0 if key.endswith("_scale") else 0.0  # block scales of padding rows are never used
-
-
 def _wrap_rows(local: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """A local row shard -> DTensor with p's mesh and placements and the global shape (m, *local.shape[1:])."""
     shape = (p.shape[0], *local.shape[1:])
@@ -203,9 +139,10 @@ def _local_rows(value: torch.Tensor, start: int, count: int, m: int) -> torch.Te
 class _Pending:
     p: torch.Tensor
     group: dict
-    layout: MatrixLayout
-    shard: RowShard
-    U: torch.Tensor  # (count, n) local rows of the NS input, in the NS dtype
+    plan: MatrixPlan
+    count: int  # local rows
+    chunk: int  # rows per rank in FSDP's padded layout, ceil(m / world)
+    X: torch.Tensor  # (count, n) local rows of the NS input, in the NS dtype
 
 
 class FSDPEngine:
@@ -223,10 +160,14 @@ class FSDPEngine:
             if not group["use_muon"]:
                 self._adamw(opt, p, group)
                 continue
+            plan = plan_of(p, group)
+            if plan.experts > 1:
+                self._experts(opt, p, group, index, plan)
+                continue
             if pending and pending[0].p.device_mesh != p.device_mesh:
                 self._orthogonalize_and_apply(pending)
                 pending = []
-            pending.append(self._momentum(opt, p, group, index))
+            pending.append(self._momentum(opt, p, group, index, plan))
             if len(pending) == p.device_mesh.size():
                 self._orthogonalize_and_apply(pending)
                 pending = []
@@ -247,38 +188,48 @@ class FSDPEngine:
             state[key] = _wrap_rows(value, p) if value.ndim else value
 
     @staticmethod
-    def _momentum(opt: MuonQ, p: torch.Tensor, group: dict, index: int) -> _Pending:
+    def _experts(opt: MuonQ, p: torch.Tensor, group: dict, index: int, plan: MatrixPlan) -> None:
+        """Stacked experts (E, m, n) under Shard(0): each rank holds whole experts, so their whole MuonQ step is
+        local (no reduction, no gather); every state entry is sharded on the expert dim like the weight."""
+        if group["experts"] is not True:
+            raise ValueError(
+                f"MuonQ under FSDP2: a grouped conv weight (experts={group['experts']}, shape {tuple(p.shape)}) is "
+                "not supported: its row shards cut through groups. Put it in an AdamW group or train without FSDP2"
+            )
+        mesh = p.device_mesh
+        first, count = row_ranges(p.shape[0], mesh.size())[mesh.get_local_rank()]
+        state = opt.state[p]
+        local = {k: _local_rows(v, first, count, p.shape[0]) if v.ndim else v for k, v in state.items()}
+        G = plan.view(p.grad.to_local().float())  # (count, m, n): this rank's experts
+        X = momentum_step(plan, G, local, group, index, experts=(first, p.shape[0]))
+        update = orthogonalized_update(plan, X, group["ns_steps"])
+        apply_update(p.to_local(), update, group["lr"], group["weight_decay"])  # the local shard shares p's storage
+        for key, value in local.items():
+            state[key] = _wrap_rows(value, p) if value.ndim else value
+
+    @staticmethod
+    def _momentum(opt: MuonQ, p: torch.Tensor, group: dict, index: int, plan: MatrixPlan) -> _Pending:
         mesh = p.device_mesh
         pg, world = mesh.get_group(), mesh.size()
-        layout = layout_of(p, group)  # global (m, n): the rank r and the pieces are those of the whole matrix
-        start, count = row_ranges(layout.m, world)[mesh.get_local_rank()]
-        shard = RowShard(layout, start, count, -(-layout.m // world))
+        start, count = row_ranges(plan.m, world)[mesh.get_local_rank()]
+        block = group["block_size"]
         state = opt.state[p]
-        padded: dict[str, Any] = {}
-        for key, value in state.items():
-            if is_row_sharded(key, value):
-                rows = _local_rows(value, start, count, layout.m)
-                padded[key] = layout.to_rows(shard.pad(rows, _fill(key, group)))
-            else:
-                padded[key] = value
-        G = shard.pad(p.grad.to_local().reshape(count, layout.n).float(), 0.0)  # (k, L, np)
-        U_in = muonq_update(
+        local = {k: _local_rows(v, start, count, plan.m) if is_row_key(k, block) else v for k, v in state.items()}
+        G = p.grad.to_local().float().reshape(1, count, plan.n)  # (1, count, n): this rank's rows
+        X = momentum_step(
+            plan,
             G,
-            padded,
+            local,
             group,
-            layout,
             index,
+            start,
+            count,
             row_sum=_all_reduce(dist.ReduceOp.SUM, pg),
             row_max=_all_reduce(dist.ReduceOp.MAX, pg),
-            orthogonalize=lambda X: X,  # deferred: NS runs once, on the owner rank of this matrix
-        )  # (k, L, np)
-        for key, value in padded.items():
-            if is_row_sharded(key, value):
-                state[key] = _wrap_rows(shard.unpad(layout.to_pieces(value)), p)
-            else:
-                state[key] = value
-        U = shard.unpad(U_in).to(ns_dtype_for(p.device))  # (count, n)
-        return _Pending(p, group, layout, shard, U)
+        )  # (1, count, n); NS is deferred: it runs once, on the owner rank of this matrix
+        for key, value in local.items():
+            state[key] = _wrap_rows(value, p) if is_row_key(key, block) else value
+        return _Pending(p, group, plan, count, -(-plan.m // world), X[0].to(ns_dtype_for(p.device)))
 
     @staticmethod
     def _orthogonalize_and_apply(pending: list[_Pending]) -> None:
@@ -287,8 +238,8 @@ class FSDPEngine:
         pg, world, rank = mesh.get_group(), mesh.size(), mesh.get_local_rank()
         works, gathered = [], None
         for i, item in enumerate(pending):
-            send = item.U.new_zeros(item.shard.chunk, item.layout.n)  # (chunk, n): FSDP's padded row block
-            send[: item.shard.count] = item.U
+            send = item.X.new_zeros(item.chunk, item.plan.n)  # (chunk, n): FSDP's padded row block
+            send[: item.count] = item.X
             bufs = [torch.empty_like(send) for _ in range(world)] if rank == i else None
             if rank == i:
                 gathered = bufs
@@ -298,27 +249,23 @@ class FSDPEngine:
         chunks = None
         if rank < len(pending):
             item = pending[rank]
-            full = torch.cat(gathered)[: item.layout.m]  # (m, n): the whole NS input, on its owner only
-            U = zeropower_via_newtonschulz5(item.layout.to_pieces(full), item.group["ns_steps"])  # (k, mp, np)
-            rows = U.new_zeros(world * item.shard.chunk, item.layout.n)
-            rows[: item.layout.m] = item.layout.to_rows(U)
-            chunks = list(rows.chunk(world))
+            full = torch.cat(gathered)[: item.plan.m].unsqueeze(0)  # (1, m, n): the whole NS input, on its owner
+            U = orthogonalized_update(item.plan, full, item.group["ns_steps"])[0]  # (m, n), scaled per piece
+            rows = U.new_zeros(world * item.chunk, item.plan.n)
+            rows[: item.plan.m] = U
+            chunks = list(rows.to(item.X.dtype).chunk(world))
             del full, gathered
         works, received = [], []
         for i, item in enumerate(pending):
-            recv = item.U.new_empty(item.shard.chunk, item.layout.n)
+            recv = item.X.new_empty(item.chunk, item.plan.n)
             received.append(recv)
             src = dist.get_global_rank(pg, i)
             works.append(dist.scatter(recv, chunks if rank == i else None, src=src, group=pg, async_op=True))
         for w in works:
             w.wait()
         for item, recv in zip(pending, received, strict=True):
-            p, group = item.p, item.group
-            local = p.to_local()  # shares storage with p: in-place updates change the parameter
-            mp, np_ = item.layout.piece_shape
-            update = recv[: item.shard.count].float().reshape(local.shape).to(p.dtype)
-            local.mul_(1 - group["lr"] * group["weight_decay"])
-            local.add_(update, alpha=-group["lr"] * muon_scale(mp, np_))
+            local = item.p.to_local()  # shares storage with p: in-place updates change the parameter
+            apply_update(local, recv[: item.count].float(), item.group["lr"], item.group["weight_decay"])
 
 
 def grads_finite(grads: Iterable[torch.Tensor]) -> bool:

@@ -9,6 +9,7 @@ KINDS = ("codes", "scales", "factors", "moments", "other")
 
 def state_kind(key: str) -> str:
     """Kind of a MuonQ state entry: codes (residual / moment codes), scales, factors (P, R), moments (fp32)."""
+    key = key.rsplit(".", 1)[-1]  # batch (b1.) and DeepSpeed (m3.) prefixes
     if key.endswith(("_scale", "_absmax")) or key == "norm":
         return "scales"
     if key.startswith(("P", "R")):

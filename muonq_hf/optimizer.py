@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .codecs import (
-    DynamicCodebook,
-    dequantize,
-    dequantize_dynamic8,
-    dynamic_codebook,
-    quantize,
-    quantize_dynamic8,
-)
-from .lowrank import RowSum, power_iteration_split, rank_for
-from .orthogonalize import muon_scale, zeropower_via_newtonschulz5
+from .codecs import DynamicCodebook, dequantize_dynamic8, dynamic_codebook, quantize_dynamic8
+from .matrices import plan_of
+from .momentum import apply_update, momentum_step, orthogonalized_update
 
 MUON_DEFAULTS: dict[str, Any] = dict(
     momentum=0.95,  # beta of the momentum M = beta * M + G
@@ -33,6 +25,9 @@ MUON_DEFAULTS: dict[str, Any] = dict(
     store_norm=False,  # keep ||M|| (4 bytes per matrix): "quantized standard Muon", see SPEC note (a)
     qkv_split=1,  # split a fused QKV matrix into this many pieces, each quantized and orthogonalized alone
     split_dim=0,  # axis of the (m, n) view along which qkv_split cuts: 0 for nn.Linear, 1 for HF Conv1D
+    piece_sizes=None,  # explicit piece sizes along split_dim (fused QKV under grouped-query attention)
+    interleave=False,  # pieces alternate column by column (GPT-OSS expert gate_up)
+    experts=False,  # True: dim 0 stacks independent matrices (MoE experts); an int g: g groups (grouped conv)
 )
 ADAMW_DEFAULTS: dict[str, Any] = dict(
     betas=(0.9, 0.95),
@@ -51,57 +46,6 @@ GROUP_KEYS = frozenset(MUON_DEFAULTS) | frozenset(ADAMW_DEFAULTS) | frozenset(CO
 PASSTHROUGH_KEYS = frozenset({"name", "names", "initial_lr", "param_names", "kind"})
 ADAMW_8BIT_MIN_NUMEL = 4096  # like bitsandbytes' min_8bit_size: tiny tensors keep fp32 moments
 ADAMW_8BIT_BLOCK = 256
-
-
-@dataclass(frozen=True)
-class MatrixLayout:
-    """How a Muon parameter is seen as a batch of k matrices (k, mp, np) for quantization and NS."""
-
-    m: int  # rows of the 2-D view (p.shape[0])
-    n: int  # columns of the 2-D view (prod(p.shape[1:]))
-    k: int  # pieces (fused QKV = 3)
-    split_dim: int
-
-    @property
-    def piece_shape(self) -> tuple[int, int]:
-        return (self.m // self.k, self.n) if self.split_dim == 0 else (self.m, self.n // self.k)
-
-    def to_pieces(self, rows: torch.Tensor) -> torch.Tensor:
-        """Row layout (m, k*w) or (k*mp, w) -> pieces (k, mp, w); works for values, codes and row scales."""
-        if self.split_dim == 0:
-            return rows.reshape(self.k, rows.size(0) // self.k, rows.size(1))
-        return rows.reshape(rows.size(0), self.k, rows.size(1) // self.k).permute(1, 0, 2)
-
-    def to_rows(self, pieces: torch.Tensor) -> torch.Tensor:
-        """Pieces (k, mp, w) -> row layout: row i of the result belongs to row i of the parameter."""
-        k, mp, w = pieces.shape
-        if self.split_dim == 0:
-            return pieces.reshape(k * mp, w)
-        return pieces.permute(1, 0, 2).reshape(mp, k * w)
-
-
-def layout_of(p: torch.Tensor, group: dict) -> MatrixLayout:
-    m, n = p.shape[0], math.prod(p.shape[1:])
-    k, split_dim = group["qkv_split"], group["split_dim"]
-    size = m if split_dim == 0 else n
-    if size % k:
-        raise ValueError(
-            f"qkv_split={k} does not divide dim {split_dim} (size {size}) of a parameter of shape "
-            f"{tuple(p.shape)}; use qkv_split=1 for this parameter or fix split_dim (0 or 1)"
-        )
-    return MatrixLayout(m, n, k, split_dim)
-
-
-def _fro(x: torch.Tensor, row_sum: RowSum) -> torch.Tensor:
-    """Frobenius norm of each piece of x (k, mp, np) -> (k, 1, 1), reduced over row shards."""
-    return row_sum(x.square().sum(dim=(-2, -1), keepdim=True)).sqrt()
-
-
-def _generator(seed: int, *key: int) -> torch.Generator:
-    """A CPU generator keyed by (seed, *key): identical on every rank and after a resume."""
-    g = torch.Generator(device="cpu")
-    g.manual_seed(hash((seed, *key)) & 0x7FFF_FFFF_FFFF_FFFF)
-    return g
 
 
 class MuonQ(torch.optim.Optimizer):
@@ -169,6 +113,8 @@ class MuonQ(torch.optim.Optimizer):
                     f"use_muon=True needs tensors of >= 2 dims, got shape {tuple(p.shape)}; put 1-D tensors "
                     "(norms, biases) in an AdamW group (use_muon=False), e.g. with muonq_hf.param_groups(model)"
                 )
+            if group["use_muon"]:
+                plan_of(p, group)  # a plan that does not fit the tensor fails here, naming its shape
 
     # ------------------------------------------------------------------------------------------- step
     @torch.no_grad()
@@ -225,13 +171,8 @@ class MuonQ(torch.optim.Optimizer):
                 "optimizer flat partitions, and Newton-Schulz on them would be wrong. Use "
                 "muonq_hf.deepspeed.DeepSpeedMuonQ (ZeRO stage 1 or 2), or train without DeepSpeed"
             )
-        layout = layout_of(p, group)
-        G = layout.to_pieces(p.grad.reshape(layout.m, layout.n).float())  # (k, mp, np)
-        state = self.state[p]
-        U = muonq_update(G, state, group, layout, index)  # (k, mp, np)
-        mp, np_ = layout.piece_shape
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(layout.to_rows(U).reshape(p.shape).to(p.dtype), alpha=-group["lr"] * muon_scale(mp, np_))
+        update = muon_update(p.grad, self.state[p], group, index)
+        apply_update(p, update, group["lr"], group["weight_decay"])
 
     # ------------------------------------------------------------------------------------------ AdamW
     def _adamw_step(
@@ -337,6 +278,16 @@ def _validate_group(group: dict) -> None:
         raise bad("qkv_split", "an int >= 1")
     if group["split_dim"] not in (0, 1):
         raise bad("split_dim", "0 or 1")
+    sizes = group["piece_sizes"]
+    if sizes is not None and not (
+        isinstance(sizes, (list, tuple)) and sizes and all(isinstance(s, int) and s > 0 for s in sizes)
+    ):
+        raise bad("piece_sizes", "None or a list of ints > 0 (sizes of the pieces along split_dim)")
+    if not isinstance(group["interleave"], bool):
+        raise bad("interleave", "True or False")
+    experts = group["experts"]
+    if not (isinstance(experts, bool) or (isinstance(experts, int) and experts >= 1)):
+        raise bad("experts", "True (dim 0 stacks expert matrices), False, or an int >= 1 (groups of a grouped conv)")
     b1, b2 = group["betas"]
     if not (0 <= b1 < 1 and 0 <= b2 < 1):
         raise bad("betas", "two numbers in [0, 1)")
@@ -344,130 +295,12 @@ def _validate_group(group: dict) -> None:
         raise bad("eps", "a number >= 0")
 
 
-# --------------------------------------------------------------------------------------------------------
-# The MuonQ momentum step: a pure function of (G, state, options); the optimizer class only applies U.
-# --------------------------------------------------------------------------------------------------------
-def _identity(t: torch.Tensor) -> torch.Tensor:
-    return t
+def muon_update(grad: torch.Tensor, state: dict, group: dict, index: int) -> torch.Tensor:
+    """The scaled Muon update of one whole parameter (momentum, then orthogonalize), shaped (E, m, n).
 
-
-def muonq_update(
-    G: torch.Tensor,
-    state: dict,
-    group: dict,
-    layout: MatrixLayout,
-    index: int,
-    row_sum: RowSum = _identity,
-    row_max: RowSum = _identity,
-    orthogonalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """One MuonQ momentum step for the pieces G (k, mp, np) of a matrix; updates ``state``, returns U.
-
-    ``row_sum``/``row_max`` reduce across the ranks holding row shards of G (identity in one process) and
-    ``orthogonalize`` replaces the local Newton-Schulz (a distributed caller assembles the whole matrix).
+    ``grad`` has the parameter's shape; ``state`` is its MuonQ state, updated in place. Single process, the
+    DDP owner of a matrix and the DeepSpeed owner all call this; FSDP2 splits it at the orthogonalization.
     """
-    beta = group["momentum"]
-    k, mp, np_ = G.shape
-    r = rank_for(*layout.piece_shape, group["rank_divisor"])
-    step = int(state["step"].item()) + 1 if "step" in state else 1
-
-    M_prev, R_prev = _load_momentum(state, group, layout, r, G)  # (k, mp, np), (k, np, r)
-    if M_prev is None:  # first step: zero momentum, seeded Gaussian warm start
-        M_prev = torch.zeros_like(G)
-        if r:
-            R_prev = torch.randn((k, np_, r), generator=_generator(group["seed"], index), dtype=torch.float32)
-            R_prev = R_prev.to(G.device)
-
-    G_hat = G / (_fro(G, row_sum) + 1e-7) if group["normalize"] else G  # pre-quantization normalization
-    M = beta * M_prev + G_hat  # (k, mp, np)
-    if group["normalize"]:
-        norm = _fro(M, row_sum)  # (k, 1, 1)
-        M_bar = M / (norm + 1e-7)
-    else:
-        norm, M_bar = None, M
-
-    if r:
-        P, R, res = power_iteration_split(M_bar, R_prev, row_sum)  # (k, mp, r), (k, np, r), (k, mp, np)
-    else:
-        P = R = None
-        res = M_bar
-    _store_momentum(state, group, layout, res, P, R, norm, index, step, row_max)
-    state["step"] = torch.tensor(float(step))
-
-    U_in = G_hat + beta * M_bar if group["nesterov"] else M_bar
-    if orthogonalize is not None:
-        return orthogonalize(U_in)
-    return zeropower_via_newtonschulz5(U_in, group["ns_steps"]).float()
-
-
-def _granularity(group: dict) -> str:
-    return "matrix" if group["block_size"] is None else "block"
-
-
-def _load_momentum(
-    state: dict, group: dict, layout: MatrixLayout, r: int, G: torch.Tensor
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Dequantized previous momentum (k, mp, np) and right factor (k, np, r); (None, None) before step 1."""
-    if "step" not in state:
-        return None, None
-    bits, mu = group["bits"], float(group["mu"])
-    k, mp, np_ = G.shape
-    if bits == 32:
-        M = layout.to_pieces(state["res"]).clone()
-        R = state.get("R")
-        if R is not None:
-            M = M + layout.to_pieces(state["P"]) @ R.mT
-    else:
-        scale = state["res_scale"]
-        scale = scale.view(k, 1, 1) if scale.ndim == 1 else layout.to_pieces(scale)
-        M = dequantize(
-            layout.to_pieces(state["res_codes"]), scale, np_, bits, mu, _granularity(group), group["block_size"]
-        )
-        R = None
-        if "R_codes" in state:
-            P = dequantize(layout.to_pieces(state["P_codes"]), state["P_scale"].unsqueeze(-2), r, bits, mu, "column")
-            R = dequantize(state["R_codes"], state["R_scale"].unsqueeze(-2), r, bits, mu, "column")
-            M = M + P @ R.mT
-    if "norm" in state:
-        M = M * state["norm"].view(k, 1, 1)
-    return M, R
-
-
-def _store_momentum(
-    state: dict,
-    group: dict,
-    layout: MatrixLayout,
-    res: torch.Tensor,
-    P: torch.Tensor | None,
-    R: torch.Tensor | None,
-    norm: torch.Tensor | None,
-    index: int,
-    step: int,
-    row_max: RowSum,
-) -> None:
-    """Write the packed state: row-layout tensors are sharded like the parameter, the rest replicated."""
-    bits, mu = group["bits"], float(group["mu"])
-    if group["store_norm"] and norm is not None:
-        state["norm"] = norm.flatten().float()  # (k,)
-    if bits == 32:
-        state["res"] = layout.to_rows(res).contiguous()
-        if P is not None:
-            state["P"], state["R"] = layout.to_rows(P).contiguous(), R.contiguous()
-        return
-
-    def rounding(kind: int) -> dict:
-        if not group["stochastic_rounding"]:
-            return {}
-        return {"stochastic": True, "generator": _generator(group["seed"], index, step, kind)}
-
-    granularity = _granularity(group)
-    codes, scale = quantize(
-        res, bits, mu, granularity, group["block_size"], group_max=row_max, **rounding(0)
-    )  # (k, mp, w), (k, 1, 1) or (k, mp, nb)
-    state["res_codes"] = layout.to_rows(codes).contiguous()
-    state["res_scale"] = scale.flatten() if granularity == "matrix" else layout.to_rows(scale).contiguous()
-    if P is not None:
-        P_codes, P_scale = quantize(P, bits, mu, "column", group_max=row_max, **rounding(1))  # (k, mp, w), (k, 1, r)
-        R_codes, R_scale = quantize(R, bits, mu, "column", **rounding(2))  # (k, np, w), (k, 1, r)
-        state["P_codes"], state["P_scale"] = layout.to_rows(P_codes).contiguous(), P_scale.squeeze(-2)
-        state["R_codes"], state["R_scale"] = R_codes.contiguous(), R_scale.squeeze(-2)
+    plan = plan_of(grad, group)
+    X = momentum_step(plan, plan.view(grad.float()), state, group, index)  # (E, m, n)
+    return orthogonalized_update(plan, X, group["ns_steps"])

@@ -13,7 +13,7 @@ import torch
 
 import muonq_hf  # noqa: F401  (registers --optim muonq)
 from muonq_hf import MuonQ
-from muonq_hf import optimizer as optimizer_module
+from muonq_hf import momentum as momentum_module
 
 SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -103,13 +103,13 @@ def test_checkpoint_optimizer_file_is_about_7x_smaller_than_full_precision_muon(
 
 def test_gradient_accumulation_matches_the_double_batch_with_one_ns_per_step(tmp_path, monkeypatch):
     calls = []
-    real_ns = optimizer_module.zeropower_via_newtonschulz5
+    real_ns = momentum_module.zeropower_via_newtonschulz5
 
     def counting_ns(X, *a, **kw):
         calls.append(tuple(X.shape))
         return real_ns(X, *a, **kw)
 
-    monkeypatch.setattr(optimizer_module, "zeropower_via_newtonschulz5", counting_ns)
+    monkeypatch.setattr(momentum_module, "zeropower_via_newtonschulz5", counting_ns)
     results = {}
     for bits in (32, 4):
         for bs, accumulation in ((8, 1), (4, 2)):

@@ -35,7 +35,7 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from muonq_hf import MuonQ, param_groups  # noqa: E402
 from muonq_hf.deepspeed import DeepSpeedMuonQ, initialize, verify_engine  # noqa: E402
-from muonq_hf.optimizer import layout_of  # noqa: E402
+from muonq_hf.matrices import plan_of  # noqa: E402
 from muonq_hf.orthogonalize import muon_scale  # noqa: E402
 
 STEPS, RESUME_AT, BATCH, SEQ, VOCAB = 4, 2, 4, 16, 96
@@ -121,11 +121,12 @@ def update_singular_values(opt, before: dict, after: dict, model) -> dict[str, l
         for ref in refs:
             p = ref()
             name = names[id(p)]
-            layout = layout_of(p, g)
+            plan = plan_of(p, g)
             decayed = before[name] * (1 - g["lr"] * g["weight_decay"])
-            U = (decayed - after[name]).reshape(layout.m, layout.n) / (g["lr"] * muon_scale(*layout.piece_shape))
-            sv = torch.linalg.svdvals(layout.to_pieces(U).double())
-            out[name] = sv.flatten().sort(descending=True).values.tolist()
+            U = plan.view(decayed - after[name]) / g["lr"]  # (E, m, n)
+            sv = [torch.linalg.svdvals(plan.take(U, b).double()) / muon_scale(*plan.batch_shape(b))
+                  for b in range(len(plan.batches))]
+            out[name] = torch.cat([s.flatten() for s in sv]).sort(descending=True).values.tolist()
     return out
 
 

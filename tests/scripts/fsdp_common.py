@@ -15,8 +15,9 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-from muonq_hf.lowrank import rank_for
-from muonq_hf.optimizer import MuonQ, _load_momentum, layout_of
+from muonq_hf.matrices import plan_of
+from muonq_hf.momentum import dequantized_momentum
+from muonq_hf.optimizer import MuonQ
 
 # the two ways Accelerate saves a distributed state: FULL_STATE_DICT, and SHARDED_STATE_DICT (DCP)
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=True)
@@ -106,16 +107,13 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 def momenta(opt: MuonQ) -> dict[int, torch.Tensor]:
-    """Dequantized momentum (k, mp, np) of every Muon parameter, assembled from (possibly sharded) state."""
+    """Dequantized momentum (E, m, n) of every Muon parameter, assembled from (possibly sharded) state."""
     out, index = {}, 0
     for group in opt.param_groups:
         for p in group["params"]:
             state = {k: full(v) for k, v in opt.state.get(p, {}).items()}
             if group["use_muon"] and state:
-                layout = layout_of(p, group)
-                r = rank_for(*layout.piece_shape, group["rank_divisor"])
-                G = torch.empty(layout.k, *layout.piece_shape)
-                out[index] = _load_momentum(state, group, layout, r, G)[0]
+                out[index] = dequantized_momentum(plan_of(p, group), state, group)
             index += 1
     return out
 

@@ -37,6 +37,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 import muonq_hf.distributed as mdist
 from muonq_hf import MuonQ, state_bytes
+from muonq_hf.matrices import is_row_key  # noqa: E402
 
 
 def fsdp(config: str, seed: int = 0) -> tuple[torch.nn.Module, MuonQ]:
@@ -93,7 +94,7 @@ def main() -> None:
                             layout_ok &= value.to_local().shape[0] == p.to_local().shape[0]
                         elif value.ndim:
                             replicated_ok &= same_on_all_ranks(value)
-                            layout_ok &= group["use_muon"] and not mdist.is_row_sharded(key, value)
+                            layout_ok &= group["use_muon"] and not is_row_key(key, group["block_size"])
             res["state_layout_ok"], res["state_replicated_ok"] = bool(layout_ok), bool(replicated_ok)
             res["muon_bytes_rank"] = [0] * world
             sizes = torch.tensor([state_bytes(opt)["muon"]["total"]])
