@@ -182,6 +182,8 @@ def load_batch(
     """Batch b's state as pieces (E * c, ...) from a parameter's state (local rows [start, start + count))."""
     prefix = "" if b == 0 else f"b{b}."
     out: dict[str, torch.Tensor] = {}
+    if "step" not in state:  # before the first step (row entries may already hold an earlier batch's pieces)
+        return out
     for key, value in state.items():
         if key == "step" or not torch.is_tensor(value):
             continue

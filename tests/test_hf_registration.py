@@ -14,6 +14,7 @@ import torch
 
 import muonq_hf
 from muonq_hf import MuonQ, hf
+from muonq_hf import options as options_module
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from tiny_hf import tiny_model  # noqa: E402
@@ -149,13 +150,13 @@ def test_optim_args_are_cast_to_their_types():
     )
     assert type(options["mu"]) is float and type(options["bits"]) is int
     assert hf.parse_optim_args(None) == {} and hf.parse_optim_args("") == {}
-    assert set(hf.OPTIM_ARGS_DEFAULTS) == set(hf._TYPES)
+    assert set(options_module.OPTIM_ARGS_DEFAULTS) == set(options_module._TYPES)
 
 
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("bitz=4", r"unknown MuonQ option 'bitz'; allowed: adamw_bits, adamw_lr, bits, block_size, .*split_qkv"),
+        ("bitz=4", r"unknown MuonQ option 'bitz'; allowed: adamw_bits, adamw_lr, adamw_names, bits, block_size, .*split_qkv"),
         ("bits=four", r"bits='four' is not valid; bits must be an integer"),
         ("normalize=maybe", r"normalize='maybe' is not valid; normalize must be true/false"),
         ("block_size=wide", r"block_size='wide' is not valid; block_size must be an integer or none"),
