@@ -212,8 +212,7 @@ def route(
     adamw_patterns, muon_patterns = parse_patterns(adamw_names), parse_patterns(muon_names)
     inputs, outputs = _layer_prefixes(model)
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    for prefix in (*inputs, *outputs):
-        embeddings.update(id(p) for p in model.get_submodule(prefix).parameters())
+    layer_params = {id(p) for prefix in (*inputs, *outputs) for p in model.get_submodule(prefix).parameters()}
     routes: list[Route] = []
     seen: set[int] = set()
     for module_name, module in model.named_modules():
@@ -222,9 +221,8 @@ def route(
                 continue
             seen.add(id(p))
             name = f"{module_name}.{pname}" if module_name else pname
-            routes.append(
-                _route_one(model, module_name, module, pname, name, p, split_qkv, inputs, outputs, embeddings)
-            )
+            where = (model, module_name, module, pname, name, p)
+            routes.append(_route_one(*where, split_qkv, inputs, outputs, embeddings, layer_params))
     _apply_patterns(routes, adamw_patterns, muon_patterns)
     for r in routes:
         if no_decay_names is not None and r.name in no_decay_names and not r.muon:
@@ -243,6 +241,7 @@ def _route_one(
     inputs: set[str],
     outputs: set[str],
     embeddings: set[int],
+    layer_params: set[int],
 ) -> Route:
     def adamw(reason: str, decay: bool = True) -> Route:
         return Route(name, p, False, decay, reason)
@@ -257,9 +256,13 @@ def _route_one(
         return adamw("SSM state parameter", decay=False)
     if any(h in name for h in PEFT_EMBEDDING_HINTS):
         return adamw("PEFT embedding adapter")
-    if id(p) in embeddings or _under(module_name, inputs):
-        return adamw("input layer" if not _under(module_name, outputs) else "output layer")
-    if _under(module_name, outputs) or _is_head(model, module_name, module, p):
+    if _under(module_name, outputs) or (id(p) in layer_params and not _under(module_name, inputs)):
+        return adamw("output layer")  # also a weight tied to it
+    if _under(module_name, inputs) or id(p) in layer_params:
+        return adamw("input layer")
+    if id(p) in embeddings:
+        return adamw("embedding")
+    if _is_head(model, module_name, module, p):
         return adamw("output layer")
     is_conv = isinstance(module, nn.modules.conv._ConvNd)
     if not is_conv and not isinstance(module, nn.Linear) and any(h in pname.lower() for h in INPUT_HINTS):

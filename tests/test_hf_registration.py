@@ -156,7 +156,7 @@ def test_optim_args_are_cast_to_their_types():
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("bitz=4", r"unknown MuonQ option 'bitz'; allowed: adamw_bits, adamw_lr, adamw_names, bits, block_size, .*split_qkv"),
+        ("bitz=4", r"unknown MuonQ option 'bitz'; allowed: adamw_bits, adamw_lr, adamw_names, bits, .*split_qkv"),
         ("bits=four", r"bits='four' is not valid; bits must be an integer"),
         ("normalize=maybe", r"normalize='maybe' is not valid; normalize must be true/false"),
         ("block_size=wide", r"block_size='wide' is not valid; block_size must be an integer or none"),
