@@ -140,6 +140,8 @@ def dequantize(
     block_size: int | None = None,
 ) -> torch.Tensor:
     """DQ(codes, scale) = C^-1(q * s), fp32 (..., m, n)."""
+    if codes.numel() == 0:  # e.g. a rank that holds no expert of a stacked tensor
+        return torch.zeros(*codes.shape[:-1], n, device=codes.device)
     if granularity == "matrix":
         return _dequantize_by_table(codes, scale, n, bits, mu)
     q = unpack4(codes, n) if bits == 4 else codes.view(torch.int8)

@@ -161,7 +161,7 @@ class FSDPEngine:
                 self._adamw(opt, p, group)
                 continue
             plan = plan_of(p, group)
-            if plan.experts > 1:
+            if plan.stacked:
                 self._experts(opt, p, group, index, plan)
                 continue
             if pending and pending[0].p.device_mesh != p.device_mesh:

@@ -9,12 +9,13 @@ gate_up (two halves, contiguous or interleaved column by column). Every expert x
 Pieces of equal shape form a *batch* and go through the optimizer together, as one (E * c, rows, cols)
 tensor. The state of a parameter keeps two kinds of entries:
 
-* row entries (residual codes, P, block scales) in the parameter's row layout, (m, W) or (E, m, W): row i of
+* row entries (residual codes, P, block scales) in the parameter's row layout, (m, W) or, for a stacked plan
+  (experts or groups on dim 0), (E, m, W): row i of
   the entry belongs to row i of the matrix, so a row shard of the weight (FSDP2 ``Shard(0)``) owns a row
   shard of its state. Row pieces stack their rows (narrower pieces padded on the right to the widest);
   column pieces sit side by side, each with its own width, always contiguous (also when the weight's
   columns are interleaved: only the weight is interleaved, the state layout is ours).
-* batch entries (per-matrix scales, R, norms): (c, ...) or (E, c, ...), one set per batch; the first batch
+* batch entries (per-matrix scales, R, norms): (c, ...) or, stacked, (E, c, ...), one set per batch; the first batch
   uses the plain key names and batch b >= 1 the prefix ``b{b}.`` (a single-batch plan is the layout of a
   plain 2-D parameter, so existing checkpoints keep their keys).
 """
@@ -55,6 +56,7 @@ class MatrixPlan:
     split_dim: int = 0  # 0: pieces are row ranges, 1: column ranges
     sizes: tuple[int, ...] = ()  # piece sizes along split_dim (empty: one piece, the whole matrix)
     interleaved: bool = False  # pieces alternate element by element along split_dim (GPT-OSS gate_up)
+    stacked: bool = False  # dim 0 of the parameter (and of every state entry) is the expert/group dim
 
     def __post_init__(self) -> None:
         sizes = self.sizes or ((self.m, self.n)[self.split_dim],)
@@ -102,7 +104,7 @@ class MatrixPlan:
 
     def view(self, t: torch.Tensor) -> torch.Tensor:
         """A parameter-shaped tensor as (E, m, n) (E = local experts for a shard of an expert tensor)."""
-        return t.reshape(-1, self.m, self.n) if self.experts > 1 else t.reshape(1, self.m, self.n)
+        return t.reshape(-1, self.m, self.n) if self.stacked else t.reshape(1, self.m, self.n)
 
     # ---------------------------------------------------------------------- rows of a local shard
     def piece_rows(self, j: int, start: int = 0, count: int | None = None) -> tuple[int, int]:
@@ -206,6 +208,7 @@ def plan_of(p: torch.Tensor, group: dict) -> MatrixPlan:
             )
         sizes = (total // k,) * k
     try:
-        return MatrixPlan(E, m, n, split_dim, tuple(sizes), bool(group.get("interleave", False)))
+        interleave, stacked = bool(group.get("interleave", False)), experts is True or E > 1
+        return MatrixPlan(E, m, n, split_dim, tuple(sizes), interleave, stacked)
     except ValueError as e:
         raise ValueError(f"parameter of shape {tuple(p.shape)}: {e}") from None

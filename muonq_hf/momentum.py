@@ -173,7 +173,7 @@ def _fill(key: str, group: dict) -> float:
 
 def _lead(t: torch.Tensor, plan: MatrixPlan) -> torch.Tensor:
     """A stored entry with the expert dim in front: plain plans keep no expert dim in their state."""
-    return t if plan.experts > 1 else t.unsqueeze(0)
+    return t if plan.stacked else t.unsqueeze(0)
 
 
 def load_batch(
@@ -207,12 +207,12 @@ def store_batch(
             local_rows = plan.m if count is None else count
             if key not in state:
                 width = plan.row_width(_row_widths(plan, group, key))
-                shape = (experts, local_rows, width) if plan.experts > 1 else (local_rows, width)
+                shape = (experts, local_rows, width) if plan.stacked else (local_rows, width)
                 state[key] = value.new_full(shape, _fill(key, group))
             plan.put_rows(_lead(state[key], plan), b, _row_widths(plan, group, key), value, start, count)
         else:
             stored = value.unflatten(0, (-1, len(plan.batches[b])))  # (E, c, ...)
-            state[batch_key(key, b)] = stored.contiguous() if plan.experts > 1 else stored[0].contiguous()
+            state[batch_key(key, b)] = stored.contiguous() if plan.stacked else stored[0].contiguous()
 
 
 def momentum_step(

@@ -40,7 +40,7 @@ def describe_plan(r: Route, options: dict | None = None) -> str:
     text = pieces if plan.k > 1 else str((plan.m, plan.n))
     if plan.interleaved:
         text += " interleaved"
-    return f"{plan.experts} x [{text}]" if plan.experts > 1 else text
+    return f"{plan.experts} x [{text}]" if plan.stacked else text
 
 
 def state_bytes_of(routes: list[Route], options: dict | None = None) -> dict[str, int]:

@@ -1,6 +1,8 @@
 """Shared by the FSDP2/DDP worker scripts and their pytest drivers: a toy model with every layout MuonQ meets
 (uneven rows 2k+1, a 1-row matrix that leaves a rank an empty shard, fused QKV pieces on both split dims,
-an embedding big enough for 8-bit AdamW, norms and biases), its param groups, data and helpers."""
+grouped-query QKV pieces of unequal sizes, stacked experts with interleaved gate/up halves (3 experts: uneven
+expert shards) and a single expert (a rank holds none), an embedding big enough for 8-bit AdamW, norms and
+biases), its param groups, data and helpers."""
 
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from muonq_hf.optimizer import MuonQ
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=True)
 SHARDED = StateDictOptions(full_state_dict=False)
 
-D, VOCAB, BATCH, SEQ = 32, 129, 8, 6  # VOCAB * D = 4128 >= 4096: the embedding takes the 8-bit AdamW path
+D, VOCAB, BATCH, SEQ = 32, 129, 8, 6
+E, F, KV = 3, 16, 8  # experts, expert width, key/value rows of the grouped-query QKV  # VOCAB * D = 4128 >= 4096: the embedding takes the 8-bit AdamW path
 CONFIGS = {
     "muonq": dict(adamw_bits=8),  # MuonQ defaults (4-bit, mu-law, low-rank split, normalization)
     "muon32": dict(bits=32, normalize=False, rank_divisor=0, mu=0.0),  # plain fp32 Muon (SPEC section 2)
@@ -44,12 +47,20 @@ class Toy(nn.Module):
         self.fc1 = nn.Linear(D, 2 * D + 1)  # weight (65, 32): rows = 2k + 1, uneven shards
         self.fc2 = nn.Linear(2 * D + 1, D)  # weight (32, 65): even shards
         self.head = nn.Linear(D, 1)  # weight (1, 32): rank 1 of 2 holds no row
+        self.qkv_gqa = nn.Linear(D, D + 2 * KV, bias=False)  # weight (48, 32): pieces [32, 8, 8], cut by shards
+        self.gate_up = nn.Parameter(torch.randn(E, D, 2 * F) / math.sqrt(D))  # (E, in, out), gate = [..., ::2]
+        self.down = nn.Parameter(torch.randn(E, F, D) / math.sqrt(F))  # (E, in, out)
+        self.solo = nn.Parameter(torch.randn(1, D, D) / math.sqrt(D))  # one expert: a rank of 2 holds none
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.emb(tokens)  # (B, T, d)
         a = torch.tanh(x @ self.qkv_conv).unflatten(-1, (3, D)).sum(-2)
         b = torch.tanh(self.qkv_lin(x)).unflatten(-1, (3, D)).sum(-2)
-        h = self.ln(x + a + b)
+        q, k, v = torch.tanh(self.qkv_gqa(x)).split([D, KV, KV], dim=-1)
+        c = q + (k * v).repeat(1, 1, D // KV)
+        gu = torch.einsum("btd,edf->ebtf", x, self.gate_up)  # (E, B, T, 2F)
+        experts = torch.einsum("ebtf,efd->btd", torch.nn.functional.silu(gu[..., ::2]) * gu[..., 1::2], self.down)
+        h = self.ln(x + a + b + c + experts / E + torch.tanh(x @ self.solo[0]))
         h = h + self.fc2(torch.nn.functional.gelu(self.fc1(h)))
         return h @ self.emb.weight.T, self.head(h).squeeze(-1).mean(-1)  # tied logits (B, T, V), scalar (B,)
 
@@ -66,6 +77,10 @@ def groups(model: Toy, **options) -> list[dict]:
         dict(params=muon, use_muon=True, weight_decay=WD, **options),
         dict(params=[model.qkv_conv], use_muon=True, weight_decay=WD, qkv_split=3, split_dim=1, **options),
         dict(params=[model.qkv_lin.weight], use_muon=True, weight_decay=WD, qkv_split=3, split_dim=0, **options),
+        dict(params=[model.qkv_gqa.weight], use_muon=True, weight_decay=WD, piece_sizes=[D, KV, KV], **options),
+        dict(params=[model.gate_up], use_muon=True, weight_decay=WD, experts=True, qkv_split=2, split_dim=1,
+             interleave=True, **options),
+        dict(params=[model.down, model.solo], use_muon=True, weight_decay=WD, experts=True, **options),
         dict(params=[model.emb.weight], use_muon=False, weight_decay=WD, **options),
         dict(params=no_decay, use_muon=False, weight_decay=0.0, **options),
     ]
