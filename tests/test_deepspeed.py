@@ -31,7 +31,7 @@ from muonq_hf.deepspeed import (  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "scripts" / "ds_engine_worker.py"
 TRAINER_WORKER = ROOT / "tests" / "scripts" / "ds_trainer_worker.py"
-SCENARIOS = "fp32,split,bf16,resume,plain"
+SCENARIOS = "fp32,split,bf16,resume,plain,moe,gqa"
 STAGES = (1, 2)
 
 
@@ -73,6 +73,27 @@ def test_zero_matches_single_process_bit_for_bit(ds_runs, scenario, stage):
     init = torch.load(out / "init.pt")  # the runs trained: a test that compares two untouched models fails here
     for name in ("transformer.h.0.mlp.c_fc.weight", "transformer.h.1.attn.c_attn.weight"):
         assert (ref[name] - init[name].to(ref[name].dtype)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("scenario", ["moe", "gqa"])
+def test_zero_reassembles_experts_and_unequal_pieces_bit_for_bit(ds_runs, scenario, stage):
+    """Qwen3-MoE (stacked experts with gate/up halves) and Phi-3 (grouped-query qkv_proj, pieces of unequal
+    sizes): the owner reassembles each whole tensor from the flat partitions and runs the same per-expert,
+    per-piece MuonQ step as one process, so identical batches give the single-process weights bit for bit;
+    every expert x piece's first update is orthogonalized (singular values <= 1.25, NS's band)."""
+    out, ranks = ds_runs
+    ref = torch.load(out / f"{scenario}_reference.pt")
+    got = torch.load(out / f"{scenario}_stage{stage}.pt")
+    for name in ref:
+        assert torch.equal(got[name], ref[name]), f"{name}: max diff {(got[name] - ref[name]).abs().max()}"
+    init = torch.load(out / f"{scenario}_init.pt")
+    planned = [n for n in ref if "experts" in n or "qkv_proj" in n]
+    assert planned and all((ref[n] - init[n]).abs().max() > 1e-3 for n in planned)  # the runs trained
+    sv = ranks[0][f"{scenario}/stage{stage}"]["sv"]
+    assert any(k in n for n in sv for k in ("experts.gate_up_proj", "qkv_proj")), sorted(sv)
+    for name, values in sv.items():
+        assert max(values) <= 1.25, (name, max(values))
 
 
 @pytest.mark.parametrize("stage", STAGES)

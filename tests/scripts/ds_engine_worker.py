@@ -9,6 +9,8 @@ Scenarios (argv[1], comma separated):
   bf16   bf16 model with fp32 master weights, identical batches.
   resume save at step K through engine.save_checkpoint, load into a fresh engine, continue to N.
   plain  a plain MuonQ handed to deepspeed.initialize: the first step must refuse, not train.
+  moe    like fp32 on a tiny Qwen3-MoE (stacked experts (E, 2I, H) with gate/up halves, routers to AdamW).
+  gqa    like fp32 on a tiny Phi-3 (fused grouped-query qkv_proj with pieces of unequal sizes, fused gate_up).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ if os.environ.get("MUONQ_DS_SHM") != "1":
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, Phi3Config, Phi3ForCausalLM  # noqa: E402
+from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM  # noqa: E402
 
 from muonq_hf import MuonQ, param_groups  # noqa: E402
 from muonq_hf.deepspeed import DeepSpeedMuonQ, initialize, verify_engine  # noqa: E402
@@ -42,8 +45,18 @@ STEPS, RESUME_AT, BATCH, SEQ, VOCAB = 4, 2, 4, 16, 96
 OPTIONS = dict(lr=0.02, weight_decay=0.1, seed=3)
 
 
-def make_model(dtype: torch.dtype = torch.float32) -> GPT2LMHeadModel:
+def make_model(dtype: torch.dtype = torch.float32, scenario: str = "fp32") -> torch.nn.Module:
     torch.manual_seed(0)
+    if scenario == "moe":
+        config = Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                                num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                num_experts=4, num_experts_per_tok=2, max_position_embeddings=SEQ)
+        return Qwen3MoeForCausalLM(config).to(dtype)
+    if scenario == "gqa":
+        config = Phi3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        return Phi3ForCausalLM(config).to(dtype)
     config = GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=40, n_layer=2, n_head=4, resid_pdrop=0.0,
                         embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(config).to(dtype)
@@ -78,7 +91,7 @@ def train_ds(engine, start: int, stop: int, gas: int, half: int | None, dtype: t
     for step in range(start, stop):
         for micro in range(gas):
             ids = batch(step, micro, half)
-            loss = engine(input_ids=ids, labels=ids).loss
+            loss = engine(input_ids=ids, labels=ids, use_cache=False).loss
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
@@ -89,14 +102,14 @@ def reference(scenario: str) -> dict[str, torch.Tensor]:
     """Single-process MuonQ on the same data; for bf16, on fp32 master copies of a bf16 model (as ZeRO does)."""
     bf16 = scenario == "bf16"
     gas = 2 if scenario == "fp32" else 1
-    model = make_model(torch.bfloat16 if bf16 else torch.float32)
+    model = make_model(torch.bfloat16 if bf16 else torch.float32, scenario)
     master = copy.deepcopy(model).float() if bf16 else model  # ZeRO's master: the bf16 weights, upcast
     extra = dict(bits=32) if scenario == "split" else {}
     opt = MuonQ(param_groups(master), **OPTIONS, **extra)
     for step in range(STEPS):
         for micro in range(gas):
             ids = batch(step, micro, None)
-            (model(input_ids=ids, labels=ids).loss / gas).backward()
+            (model(input_ids=ids, labels=ids, use_cache=False).loss / gas).backward()
         if bf16:
             for p, q in zip(master.parameters(), model.parameters(), strict=True):
                 p.grad = q.grad.float()
@@ -146,7 +159,7 @@ def run(scenario: str, stage: int, rank: int, out: dict, tmp: str) -> None:
     gas = 2 if scenario == "fp32" else 1  # gradient accumulation: NS must run once per optimizer step
     half = rank if scenario == "split" else None
     extra = dict(bits=32) if scenario == "split" else {}
-    model = make_model(dtype)
+    model = make_model(dtype, scenario)
     micro = BATCH // 2 if half is not None else BATCH
     key = f"{scenario}/stage{stage}"
     if scenario == "plain":
@@ -217,7 +230,10 @@ def main() -> None:
         tmp = [tmp]
         torch.distributed.broadcast_object_list(tmp, src=0)  # one checkpoint directory for both ranks
         for scenario in sys.argv[1].split(","):
-            if rank == 0 and scenario in ("fp32", "split", "bf16"):
+            if rank == 0 and scenario in ("moe", "gqa"):
+                init = {n: p.detach().clone() for n, p in make_model(scenario=scenario).named_parameters()}
+                torch.save(init, os.path.join(os.environ["DS_OUT"], f"{scenario}_init.pt"))
+            if rank == 0 and scenario in ("fp32", "split", "bf16", "moe", "gqa"):
                 torch.save(reference(scenario), os.path.join(os.environ["DS_OUT"], f"{scenario}_reference.pt"))
             for stage in stages:
                 run(scenario, stage, rank, out, tmp[0])
