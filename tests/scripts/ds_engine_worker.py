@@ -33,8 +33,14 @@ if os.environ.get("MUONQ_DS_SHM") != "1":
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, Phi3Config, Phi3ForCausalLM  # noqa: E402
-from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM  # noqa: E402
+from transformers import (  # noqa: E402
+    GPT2Config,
+    GPT2LMHeadModel,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
 
 from muonq_hf import MuonQ, param_groups  # noqa: E402
 from muonq_hf.deepspeed import DeepSpeedMuonQ, initialize, verify_engine  # noqa: E402

@@ -25,8 +25,8 @@ from muonq_hf.optimizer import MuonQ
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=True)
 SHARDED = StateDictOptions(full_state_dict=False)
 
-D, VOCAB, BATCH, SEQ = 32, 129, 8, 6
-E, F, KV = 3, 16, 8  # experts, expert width, key/value rows of the grouped-query QKV  # VOCAB * D = 4128 >= 4096: the embedding takes the 8-bit AdamW path
+D, VOCAB, BATCH, SEQ = 32, 129, 8, 6  # VOCAB * D = 4128 >= 4096: the embedding takes the 8-bit AdamW path
+E, F, KV = 3, 16, 8  # experts, expert width, key/value rows of the grouped-query QKV
 CONFIGS = {
     "muonq": dict(adamw_bits=8),  # MuonQ defaults (4-bit, mu-law, low-rank split, normalization)
     "muon32": dict(bits=32, normalize=False, rank_divisor=0, mu=0.0),  # plain fp32 Muon (SPEC section 2)
