@@ -34,7 +34,8 @@ from .options import OPTIM_ARGS_DEFAULTS, parse_optim_args
 from .plan import routing_summary
 
 __all__ = ["OPTIM_ARGS_DEFAULTS", "OPTIM_NAME", "optimizer_cls_and_kwargs", "parse_optim_args", "register"]
-logger = logging.getLogger(__name__)
+# A child of transformers' root logger: the routing summary follows the Trainer's --log_level like its own info lines
+logger = logging.getLogger("transformers.muonq_hf")
 
 OPTIM_NAME = "muonq"
 ENUM_NAME = "MUONQ"
