@@ -41,6 +41,7 @@ def test_switch_never_breaks_the_interpreter():
 def local_model(tmp_path_factory):
     """A tiny Llama and a BPE tokenizer saved locally, and a JSON-lines text dataset (Python's docs)."""
     import pydoc_data.topics
+
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from muonq_hf.data import train_bpe_tokenizer
