@@ -15,7 +15,7 @@ test:
 	$(BIN)/python -m pytest -q tests
 
 lint:
-	$(BIN)/ruff check muonq_hf tests examples benchmarks
+	$(BIN)/ruff check muonq_hf muonq_hf_autoregister.py setup.py tests examples benchmarks
 
 train:
 	$(BIN)/python examples/run_clm.py --optim muonq --output_dir runs/train_muonq \
