@@ -77,6 +77,7 @@ def _group_absmax(y: torch.Tensor, granularity: str, block_size: int | None) -> 
         return a.amax(dim=-2, keepdim=True)  # (..., 1, n)
     if granularity == "block":
         n = y.size(-1)
+        block_size = min(block_size, n)  # a block wider than the row is the row (no padding to block_size)
         nb = -(-n // block_size)
         if n % block_size:
             a = torch.nn.functional.pad(a, (0, nb * block_size - n))
@@ -86,7 +87,7 @@ def _group_absmax(y: torch.Tensor, granularity: str, block_size: int | None) -> 
 
 def _broadcast_scale(scale: torch.Tensor, granularity: str, n: int, block_size: int | None) -> torch.Tensor:
     if granularity == "block":
-        return scale.repeat_interleave(block_size, dim=-1)[..., :n]
+        return scale.repeat_interleave(min(block_size, n), dim=-1)[..., :n]
     return scale
 
 

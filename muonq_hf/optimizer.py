@@ -11,36 +11,8 @@ import torch
 from .codecs import DynamicCodebook, dequantize_dynamic8, dynamic_codebook, quantize_dynamic8
 from .matrices import plan_of
 from .momentum import apply_update, momentum_step, orthogonalized_update
+from .options import ADAMW_DEFAULTS, COMMON_DEFAULTS, MUON_DEFAULTS, validate_group
 
-MUON_DEFAULTS: dict[str, Any] = dict(
-    momentum=0.95,  # beta of the momentum M = beta * M + G
-    nesterov=False,  # U = NS(G + beta * M) instead of NS(M)
-    ns_steps=5,  # Newton-Schulz iterations (Keller's quintic)
-    bits=4,  # momentum storage: 4 or 8 bit codes, or 32 = fp32 (no codec)
-    normalize=True,  # pre-quantization normalization of G and of M (the paper's technique 1)
-    rank_divisor=16,  # low-rank split rank r = min(m, n) // rank_divisor; 0 = no split (technique 2)
-    mu=255.0,  # mu-law companding strength; 0 = linear codec (technique 3)
-    block_size=None,  # None: one residual scale per matrix; int: scales per block of columns in each row
-    stochastic_rounding=False,  # round codes stochastically (unbiased) instead of to nearest
-    store_norm=False,  # keep ||M|| (4 bytes per matrix): "quantized standard Muon", see SPEC note (a)
-    qkv_split=1,  # split a fused QKV matrix into this many pieces, each quantized and orthogonalized alone
-    split_dim=0,  # axis of the (m, n) view along which qkv_split cuts: 0 for nn.Linear, 1 for HF Conv1D
-    piece_sizes=None,  # explicit piece sizes along split_dim (fused QKV under grouped-query attention)
-    interleave=False,  # pieces alternate column by column (GPT-OSS expert gate_up)
-    experts=False,  # True: dim 0 stacks independent matrices (MoE experts); an int g: g groups (grouped conv)
-)
-ADAMW_DEFAULTS: dict[str, Any] = dict(
-    betas=(0.9, 0.95),
-    eps=1e-8,
-    adamw_bits=32,  # 32: fp32 m and v; 8: blockwise (256) dynamic 8-bit m and v for tensors >= 4096 elements
-    adamw_lr=None,  # if set, the lr of the AdamW groups (by default one lr serves both: RMS-matched update)
-)
-COMMON_DEFAULTS: dict[str, Any] = dict(
-    lr=0.02,
-    weight_decay=0.0,
-    use_muon=False,
-    seed=0,  # seeds the first-step Gaussian of the power iteration and stochastic rounding
-)
 GROUP_KEYS = frozenset(MUON_DEFAULTS) | frozenset(ADAMW_DEFAULTS) | frozenset(COMMON_DEFAULTS) | {"params"}
 # Keys that callers (HF Trainer, Accelerate, schedulers, param_groups) may add to a group; carried, not used.
 PASSTHROUGH_KEYS = frozenset({"name", "names", "initial_lr", "param_names", "kind"})
@@ -90,10 +62,12 @@ class MuonQ(torch.optim.Optimizer):
             )
         if nonfinite not in ("error", "skip"):
             raise ValueError(f"nonfinite must be 'error' or 'skip', got {nonfinite!r}")
+        if not isinstance(ddp_shard_state, bool):
+            raise ValueError(f"MuonQ: ddp_shard_state={ddp_shard_state!r} is not allowed; it must be True or False")
         defaults = {**COMMON_DEFAULTS, **MUON_DEFAULTS, **ADAMW_DEFAULTS, **options, "lr": lr}
         self.nonfinite = nonfinite
         self.skipped_steps = 0
-        self.ddp_shard_state = bool(ddp_shard_state)  # ZeRO-1 by whole tensors under DDP (muonq_hf.distributed)
+        self.ddp_shard_state = ddp_shard_state  # ZeRO-1 by whole tensors under DDP (muonq_hf.distributed)
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------------------------------ groups
@@ -102,10 +76,9 @@ class MuonQ(torch.optim.Optimizer):
         if unknown:
             raise ValueError(f"MuonQ param group has unknown key(s) {sorted(unknown)}; allowed: {sorted(GROUP_KEYS)}")
         group = {**self.defaults, **param_group}
+        validate_group(group)
         if not group["use_muon"] and group["adamw_lr"] is not None and "lr" not in param_group:
             param_group = {**param_group, "lr": group["adamw_lr"]}
-            group["lr"] = group["adamw_lr"]
-        _validate_group(group)
         super().add_param_group(param_group)
         for p in self.param_groups[-1]["params"]:
             if group["use_muon"] and p.ndim < 2:
@@ -250,49 +223,6 @@ class MuonQ(torch.optim.Optimizer):
 
 def _codebook(key: str, device: torch.device) -> DynamicCodebook:
     return dynamic_codebook(signed=key == "exp_avg", device=device)  # m is signed, v is not
-
-
-def _validate_group(group: dict) -> None:
-    def bad(name: str, allowed: str) -> ValueError:
-        return ValueError(f"MuonQ: {name}={group[name]!r} is not allowed; {name} must be {allowed}")
-
-    if not (isinstance(group["lr"], (int, float, torch.Tensor)) and float(group["lr"]) >= 0):
-        raise bad("lr", "a number >= 0")
-    if group["bits"] not in (4, 8, 32):
-        raise bad("bits", "one of 4, 8, 32")
-    if group["adamw_bits"] not in (8, 32):
-        raise bad("adamw_bits", "8 or 32")
-    if not (isinstance(group["rank_divisor"], int) and group["rank_divisor"] >= 0):
-        raise bad("rank_divisor", "an int >= 0 (0 = no low-rank split)")
-    if not float(group["mu"]) >= 0:
-        raise bad("mu", "a number >= 0 (0 = linear codec)")
-    if group["block_size"] is not None and not (isinstance(group["block_size"], int) and group["block_size"] > 0):
-        raise bad("block_size", "None (one scale per matrix) or an int > 0")
-    if not 0 <= group["momentum"] < 1:
-        raise bad("momentum", "in [0, 1)")
-    if not (isinstance(group["ns_steps"], int) and group["ns_steps"] >= 1):
-        raise bad("ns_steps", "an int >= 1")
-    if float(group["weight_decay"]) < 0:
-        raise bad("weight_decay", "a number >= 0")
-    if not (isinstance(group["qkv_split"], int) and group["qkv_split"] >= 1):
-        raise bad("qkv_split", "an int >= 1")
-    if group["split_dim"] not in (0, 1):
-        raise bad("split_dim", "0 or 1")
-    sizes = group["piece_sizes"]
-    if sizes is not None and not (
-        isinstance(sizes, (list, tuple)) and sizes and all(isinstance(s, int) and s > 0 for s in sizes)
-    ):
-        raise bad("piece_sizes", "None or a list of ints > 0 (sizes of the pieces along split_dim)")
-    if not isinstance(group["interleave"], bool):
-        raise bad("interleave", "True or False")
-    experts = group["experts"]
-    if not (isinstance(experts, bool) or (isinstance(experts, int) and experts >= 1)):
-        raise bad("experts", "True (dim 0 stacks expert matrices), False, or an int >= 1 (groups of a grouped conv)")
-    b1, b2 = group["betas"]
-    if not (0 <= b1 < 1 and 0 <= b2 < 1):
-        raise bad("betas", "two numbers in [0, 1)")
-    if not float(group["eps"]) >= 0:
-        raise bad("eps", "a number >= 0")
 
 
 def muon_update(grad: torch.Tensor, state: dict, group: dict, index: int) -> torch.Tensor:

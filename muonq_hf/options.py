@@ -1,10 +1,131 @@
-"""``--optim_args`` for MuonQ: the keys, their types and defaults, and the parser (Trainer and routing report)."""
+"""MuonQ's options: defaults, the rule each value must meet, and the ``--optim_args`` parser.
+
+Every option reaches MuonQ through a param group (constructor arguments are the defaults of every group), so
+``validate_group`` is the one check: the constructor, every group, ``--optim_args`` (after casting) and
+``DeepSpeedMuonQ`` all pass through it. Types are exact (a bool is not a number, a string is not a bool),
+numbers are finite, and the error names the option, the value and what is allowed.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
-from .optimizer import ADAMW_DEFAULTS, MUON_DEFAULTS
+import torch
+
+MUON_DEFAULTS: dict[str, Any] = dict(
+    momentum=0.95,  # beta of the momentum M = beta * M + G
+    nesterov=False,  # U = NS(G + beta * M) instead of NS(M)
+    ns_steps=5,  # Newton-Schulz iterations (Keller's quintic)
+    bits=4,  # momentum storage: 4 or 8 bit codes, or 32 = fp32 (no codec)
+    normalize=True,  # pre-quantization normalization of G and of M (the paper's technique 1)
+    rank_divisor=16,  # low-rank split rank r = min(m, n) // rank_divisor; 0 = no split (technique 2)
+    mu=255.0,  # mu-law companding strength; 0 = linear codec (technique 3)
+    block_size=None,  # None: one residual scale per matrix; int: scales per block of columns in each row
+    stochastic_rounding=False,  # round codes stochastically (unbiased) instead of to nearest
+    store_norm=False,  # keep ||M|| (4 bytes per matrix): "quantized standard Muon", docs/design.md
+    qkv_split=1,  # split a fused QKV matrix into this many pieces, each quantized and orthogonalized alone
+    split_dim=0,  # axis of the (m, n) view along which qkv_split cuts: 0 for nn.Linear, 1 for HF Conv1D
+    piece_sizes=None,  # explicit piece sizes along split_dim (fused QKV under grouped-query attention)
+    interleave=False,  # pieces alternate column by column (GPT-OSS expert gate_up)
+    experts=False,  # True: dim 0 stacks independent matrices (MoE experts); an int g: g groups (grouped conv)
+)
+ADAMW_DEFAULTS: dict[str, Any] = dict(
+    betas=(0.9, 0.95),
+    eps=1e-8,
+    adamw_bits=32,  # 32: fp32 m and v; 8: blockwise (256) dynamic 8-bit m and v for tensors >= 4096 elements
+    adamw_lr=None,  # if set, the lr of the AdamW groups (by default one lr serves both: RMS-matched update)
+)
+COMMON_DEFAULTS: dict[str, Any] = dict(
+    lr=0.02,
+    weight_decay=0.0,
+    use_muon=False,
+    seed=0,  # seeds the first-step Gaussian of the power iteration and stochastic rounding
+)
+
+
+# ------------------------------------------------------------------------------------------ validation
+def _is_real(v: Any) -> bool:
+    """A plain number (not a bool, not a string) or a one-element floating tensor (torch accepts tensor lrs)."""
+    if isinstance(v, torch.Tensor):
+        return v.numel() == 1 and v.is_floating_point()
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _finite_at_least(low: float) -> Callable[[Any], bool]:
+    return lambda v: _is_real(v) and math.isfinite(float(v)) and float(v) >= low
+
+
+def _in_unit(v: Any) -> bool:  # [0, 1)
+    return _is_real(v) and math.isfinite(float(v)) and 0 <= float(v) < 1
+
+
+def _int_at_least(low: int, high: int | None = None) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low and (high is None or v <= high)
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _one_of(*allowed: Any) -> Callable[[Any], bool]:
+    return lambda v: type(v) is type(allowed[0]) and v in allowed
+
+
+def _piece_sizes(v: Any) -> bool:
+    return v is None or (isinstance(v, (list, tuple)) and len(v) > 0 and all(_int_at_least(1)(s) for s in v))
+
+
+def _betas(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and len(v) == 2 and all(_in_unit(b) for b in v)
+
+
+def _experts(v: Any) -> bool:
+    return isinstance(v, bool) or _int_at_least(1)(v)
+
+
+# option -> (check, what is allowed); every key of the defaults has a rule
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "lr": (_finite_at_least(0), "a finite number >= 0"),
+    "weight_decay": (_finite_at_least(0), "a finite number >= 0"),
+    "use_muon": (_is_bool, "True or False"),
+    "seed": (_int_at_least(0), "an int >= 0"),
+    "momentum": (_in_unit, "a finite number in [0, 1)"),
+    "nesterov": (_is_bool, "True or False"),
+    "ns_steps": (_int_at_least(1, 100), "an int in [1, 100]"),
+    "bits": (_one_of(4, 8, 32), "one of 4, 8, 32"),
+    "normalize": (_is_bool, "True or False"),
+    "rank_divisor": (_int_at_least(0), "an int >= 0 (0 = no low-rank split)"),
+    "mu": (_finite_at_least(0), "a finite number >= 0 (0 = linear codec)"),
+    "block_size": (lambda v: v is None or _int_at_least(1)(v), "None (one scale per matrix) or an int >= 1"),
+    "stochastic_rounding": (_is_bool, "True or False"),
+    "store_norm": (_is_bool, "True or False"),
+    "qkv_split": (_int_at_least(1), "an int >= 1"),
+    "split_dim": (_one_of(0, 1), "0 (rows) or 1 (columns)"),
+    "piece_sizes": (_piece_sizes, "None or a list of ints >= 1 (sizes of the pieces along split_dim)"),
+    "interleave": (_is_bool, "True or False"),
+    "experts": (_experts, "True (dim 0 stacks expert matrices), False, or an int >= 1 (groups of a grouped conv)"),
+    "betas": (_betas, "two finite numbers in [0, 1)"),
+    "eps": (_finite_at_least(0), "a finite number >= 0"),
+    "adamw_bits": (_one_of(8, 32), "8 or 32"),
+    "adamw_lr": (lambda v: v is None or _finite_at_least(0)(v), "None or a finite number >= 0"),
+}
+assert set(RULES) == set(MUON_DEFAULTS) | set(ADAMW_DEFAULTS) | set(COMMON_DEFAULTS), "every option needs a rule"
+
+
+def option_error(name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"MuonQ: {name}={value!r} is not allowed; {name} must be {allowed}")
+
+
+def validate_group(group: dict) -> None:
+    """Raise ValueError naming the first option of ``group`` whose value breaks its rule."""
+    for name, (check, allowed) in RULES.items():
+        if name in group and not check(group[name]):
+            raise option_error(name, group[name], allowed)
+
+
+# ------------------------------------------------------------------------------------------ optim_args
 
 # --optim_args keys: every MuonQ option that TrainingArguments does not already own, with its type.
 # lr, betas, eps and weight_decay come from --learning_rate, --adam_beta1/2, --adam_epsilon, --weight_decay;
