@@ -167,12 +167,14 @@ class DeepSpeedMuonQ(MuonQ):
     def _refresh_group_ids(self) -> None:
         self._group_ids = {id(g): i for i, g in enumerate(self.param_groups)}
 
+    def _checks_loaded_state(self) -> bool:
+        return not self._under_zero()  # ZeRO's flat partitions carry "m{i}." entries, checked by DeepSpeed's loader
+
     def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        self._refresh_group_ids()  # torch's loader builds new group dicts
+        """Refuse a checkpoint of another data-parallel world size first (nothing changes), then load."""
         params = [ref() for refs in self._lp_refs for ref in refs if ref() is not None]
         world = dist.get_world_size(_dp_group(params)) if dist.is_initialized() else 1
-        for state in self.state.values():
+        for state in state_dict.get("state", {}).values():
             saved = state.get("zero_world_size")
             if saved is not None and int(saved) != world:
                 raise RuntimeError(
@@ -180,6 +182,8 @@ class DeepSpeedMuonQ(MuonQ):
                     f"now it is {world}: MuonQ's packed momentum is owned per matrix by one rank, so resume with "
                     f"{int(saved)} ranks"
                 )
+        super().load_state_dict(state_dict)
+        self._refresh_group_ids()  # torch's loader builds new group dicts
 
     # ------------------------------------------------------------------------------------------- step
     @torch.no_grad()

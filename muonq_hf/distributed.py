@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from .checkpoint import adamw_quantized
 from .matrices import MatrixPlan, is_row_key, plan_of
 from .momentum import apply_update, momentum_step, orthogonalized_update
 from .orthogonalize import ns_dtype_for
@@ -177,12 +178,10 @@ class FSDPEngine:
     @staticmethod
     def _adamw(opt: MuonQ, p: torch.Tensor, group: dict) -> None:
         """AdamW is elementwise: run it on the local shard; every state tensor but the step count is row-sharded."""
-        from .optimizer import ADAMW_8BIT_MIN_NUMEL
-
         state = opt.state[p]
         start, count = row_ranges(p.shape[0], p.device_mesh.size())[p.device_mesh.get_local_rank()]
         local = {k: _local_rows(v, start, count, p.shape[0]) if v.ndim else v for k, v in state.items()}
-        quantized = group["adamw_bits"] == 8 and p.ndim >= 2 and p.numel() >= ADAMW_8BIT_MIN_NUMEL  # global numel
+        quantized = adamw_quantized(tuple(p.shape), group)  # the global shape decides, as in one process
         opt._adamw_step(p.to_local(), group, grad=p.grad.to_local(), state=local, quantized=quantized)
         for key, value in local.items():
             state[key] = _wrap_rows(value, p) if value.ndim else value
@@ -310,8 +309,6 @@ class DDPShardEngine:
         return row_ranges(p.shape[0], self.world)[self.rank]
 
     def step(self, opt: MuonQ) -> None:
-        from .optimizer import ADAMW_8BIT_MIN_NUMEL
-
         owner = self.owners(opt)
         works = []
         for index, group, p in opt._indexed_params():
@@ -324,7 +321,7 @@ class DDPShardEngine:
                 continue
             start, count = self._rows(p)
             if count:
-                quantized = group["adamw_bits"] == 8 and p.ndim >= 2 and p.numel() >= ADAMW_8BIT_MIN_NUMEL
+                quantized = adamw_quantized(tuple(p.shape), group)
                 rows = slice(start, start + count)
                 opt._adamw_step(p.data[rows], group, grad=p.grad[rows], state=opt.state[p], quantized=quantized)
             for r, (start_r, count_r) in enumerate(row_ranges(p.shape[0], self.world)):

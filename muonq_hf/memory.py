@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from .checkpoint import state_schema
+
 KINDS = ("codes", "scales", "factors", "moments", "other")
 
 
@@ -52,44 +54,7 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, int] | 
 def expected_state_bytes(shape: tuple[int, ...], group: dict) -> int:
     """Bytes MuonQ's state will hold for a parameter of ``shape`` in ``group`` (all options set), after a step.
 
-    Counted from the state layout (``muonq_hf.matrices``, ``muonq_hf.momentum``) without running a step; equal
-    to ``state_bytes`` of a stepped optimizer (tested), so the routing report can show it for any model.
+    Counted from the state schema (``muonq_hf.checkpoint.state_schema``) without running a step; equal to
+    ``state_bytes`` of a stepped optimizer (tested), so the routing report can show it for any model.
     """
-    from .codecs import packed_width
-    from .lowrank import rank_for
-    from .matrices import plan_of
-    from .optimizer import ADAMW_8BIT_BLOCK, ADAMW_8BIT_MIN_NUMEL
-
-    numel = math.prod(shape)
-    step = 4  # the fp32 step counter
-    if not group["use_muon"]:
-        if group["adamw_bits"] == 8 and len(shape) >= 2 and numel >= ADAMW_8BIT_MIN_NUMEL:
-            rows, cols = shape[0], numel // shape[0]
-            return step + 2 * (numel + 4 * rows * -(-cols // ADAMW_8BIT_BLOCK))  # codes + fp32 absmax, m and v
-        return step + 8 * numel
-    plan = plan_of(torch.empty(shape, device="meta"), group)
-    bits, total = group["bits"], step
-    row_width = {"res": [], "P": []}
-    for j in range(plan.k):
-        rows, cols = plan.piece_shape(j)
-        r = rank_for(rows, cols, group["rank_divisor"])
-        row_width["res"].append(cols if bits == 32 else packed_width(cols, bits))
-        row_width["P"].append(r if bits == 32 else packed_width(r, bits))
-    item = 4 if bits == 32 else 1
-    for widths in row_width.values():  # row entries: (E, m, W)
-        if any(widths):
-            total += plan.experts * plan.m * plan.row_width(widths) * item
-    for count, rows, cols in plan.matrices():  # batch entries, per matrix
-        r = rank_for(rows, cols, group["rank_divisor"])
-        if bits == 32:
-            total += count * cols * r * 4  # R
-        else:
-            if group["block_size"] is None:
-                total += count * 2  # fp16 residual scale
-            else:  # blockwise scales are row entries of (rows, ceil(cols / block)) fp16 per matrix
-                total += count * rows * -(-cols // group["block_size"]) * 2
-            if r:
-                total += count * (cols * packed_width(r, bits) + 2 * r * 2)  # R codes, P and R column scales
-        if group["store_norm"] and group["normalize"]:
-            total += count * 4
-    return total
+    return sum(math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in state_schema(shape, group).values())

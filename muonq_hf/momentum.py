@@ -37,7 +37,7 @@ def generator(seed: int, *key: int) -> torch.Generator:
     return g
 
 
-def _fro(x: torch.Tensor, row_sum: RowSum) -> torch.Tensor:
+def frobenius(x: torch.Tensor, row_sum: RowSum) -> torch.Tensor:
     """Frobenius norm of each matrix of x (c, rows, cols) -> (c, 1, 1), reduced over row shards."""
     return row_sum(x.square().sum(dim=(-2, -1), keepdim=True)).sqrt()
 
@@ -73,10 +73,10 @@ def muonq_momentum(
         M_prev = torch.zeros_like(G)
         R_prev = R_init(cols, r).to(G.device) if r else None
 
-    G_hat = G / (_fro(G, row_sum) + 1e-7) if group["normalize"] else G  # pre-quantization normalization
+    G_hat = G / (frobenius(G, row_sum) + 1e-7) if group["normalize"] else G  # pre-quantization normalization
     M = beta * M_prev + G_hat  # (c, rows, cols)
     if group["normalize"]:
-        norm = _fro(M, row_sum)  # (c, 1, 1)
+        norm = frobenius(M, row_sum)  # (c, 1, 1)
         M_bar = M / (norm + 1e-7)
     else:
         norm, M_bar = None, M
@@ -86,7 +86,7 @@ def muonq_momentum(
     else:
         P = R = None
         res = M_bar
-    _store_momentum(state, group, res, P, R, norm, rounding_key, row_max)
+    store_momentum(state, group, res, P, R, norm, rounding_key, row_max)
     return G_hat + beta * M_bar if group["nesterov"] else M_bar
 
 
@@ -114,7 +114,7 @@ def _load_momentum(state: dict, group: dict, r: int, cols: int) -> tuple[torch.T
     return M, R
 
 
-def _store_momentum(
+def store_momentum(
     state: dict,
     group: dict,
     res: torch.Tensor,
@@ -163,7 +163,7 @@ def _piece_width(key: str, rows: int, cols: int, group: dict) -> int:
     return cols if key == "res" else r  # fp32 residual / P
 
 
-def _row_widths(plan: MatrixPlan, group: dict, key: str) -> list[int]:
+def row_widths(plan: MatrixPlan, group: dict, key: str) -> list[int]:
     return [_piece_width(key, *plan.piece_shape(j), group) for j in range(plan.k)]
 
 
@@ -189,7 +189,7 @@ def load_batch(
             continue
         if is_row_key(key, group["block_size"]):
             out[key] = plan.take_rows(
-                _lead(value, plan), b, _row_widths(plan, group, key), _fill(key, group), start, count
+                _lead(value, plan), b, row_widths(plan, group, key), _fill(key, group), start, count
             )
         elif (key.startswith(prefix) and "." not in key[len(prefix) :]) if prefix else "." not in key:
             out[base_key(key)] = _lead(value, plan).flatten(0, 1)  # (E, c, ...) -> (E * c, ...)
@@ -206,10 +206,10 @@ def store_batch(
             experts = value.size(0) // len(plan.batches[b])
             local_rows = plan.m if count is None else count
             if key not in state:
-                width = plan.row_width(_row_widths(plan, group, key))
+                width = plan.row_width(row_widths(plan, group, key))
                 shape = (experts, local_rows, width) if plan.stacked else (local_rows, width)
                 state[key] = value.new_full(shape, _fill(key, group))
-            plan.put_rows(_lead(state[key], plan), b, _row_widths(plan, group, key), value, start, count)
+            plan.put_rows(_lead(state[key], plan), b, row_widths(plan, group, key), value, start, count)
         else:
             stored = value.unflatten(0, (-1, len(plan.batches[b])))  # (E, c, ...)
             state[batch_key(key, b)] = stored.contiguous() if plan.stacked else stored[0].contiguous()

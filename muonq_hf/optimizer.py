@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
+from .checkpoint import (  # noqa: F401 - ADAMW_8BIT_MIN_NUMEL is re-exported (benchmarks and tests use it here)
+    ADAMW_8BIT_BLOCK,
+    ADAMW_8BIT_MIN_NUMEL,
+    ADAMW_STORAGE,
+    MUON_STORAGE,
+    CheckpointError,
+    adamw_quantized,
+    check_state_dict,
+    convert_state,
+    storage_changes,
+)
 from .codecs import DynamicCodebook, dequantize_dynamic8, dynamic_codebook, quantize_dynamic8
 from .matrices import plan_of
 from .momentum import apply_update, momentum_step, orthogonalized_update
 from .options import ADAMW_DEFAULTS, COMMON_DEFAULTS, MUON_DEFAULTS, validate_group
 
+logger = logging.getLogger("transformers.muonq_hf")  # follows the Trainer's --log_level, like its own lines
 GROUP_KEYS = frozenset(MUON_DEFAULTS) | frozenset(ADAMW_DEFAULTS) | frozenset(COMMON_DEFAULTS) | {"params"}
 # Keys that callers (HF Trainer, Accelerate, schedulers, param_groups) may add to a group; carried, not used.
 PASSTHROUGH_KEYS = frozenset({"name", "names", "initial_lr", "param_names", "kind"})
-ADAMW_8BIT_MIN_NUMEL = 4096  # like bitsandbytes' min_8bit_size: tiny tensors keep fp32 moments
-ADAMW_8BIT_BLOCK = 256
 
 
 class MuonQ(torch.optim.Optimizer):
@@ -159,7 +170,7 @@ class MuonQ(torch.optim.Optimizer):
         """AdamW on p; the FSDP2 engine passes a local shard with its grad, state and the global ``quantized``."""
         state = self.state[p] if state is None else state
         if quantized is None:
-            quantized = group["adamw_bits"] == 8 and p.ndim >= 2 and p.numel() >= ADAMW_8BIT_MIN_NUMEL
+            quantized = adamw_quantized(tuple(p.shape), group)
         grad = (p.grad if grad is None else grad).float()
         keys = ("exp_avg", "exp_avg_sq")
         if not state:
@@ -202,11 +213,25 @@ class MuonQ(torch.optim.Optimizer):
         engine = engine_for(self)
         if hasattr(engine, "gathered"):
             with engine.gathered(self):  # the returned dict keeps the full tensors; this rank keeps its part
-                return super().state_dict()
-        return super().state_dict()
+                out = super().state_dict()
+        else:
+            out = super().state_dict()
+        return {**out, "muonq": {"skipped_steps": self.skipped_steps}}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's loader casts floating state to the parameter dtype; restore the saved dtypes after it."""
+        """Load a MuonQ state: checked first (nothing changes on a refusal), then loaded, then converted.
+
+        * ``check_state_dict`` refuses a state that does not fit (other routing, shapes, a torch.optim state)
+          or is corrupt (non-finite scales or moments, negative second moments), naming parameter and entry.
+        * torch's loader takes the saved hyperparameters of each group (lr, betas, momentum, ...) and casts
+          floating state to the parameter dtype; the saved dtypes are restored after it.
+        * Storage options given now (bits, rank_divisor, mu, block_size, normalize/store_norm, adamw_bits, the
+          matrix plan) win over the saved ones: the state is decoded and re-encoded, with one log line.
+        """
+        if self._checks_loaded_state():
+            check_state_dict(self.param_groups, self.defaults, state_dict)
+        now = [dict(group) for group in self.param_groups]
+        changes = self._storage_changes(state_dict, now)
         super().load_state_dict(state_dict)
         saved_groups = state_dict["param_groups"]
         for saved_group, group in zip(saved_groups, self.param_groups, strict=True):
@@ -214,11 +239,55 @@ class MuonQ(torch.optim.Optimizer):
                 for key, value in state_dict["state"].get(saved_id, {}).items():
                     if torch.is_tensor(value) and self.state[p][key].dtype != value.dtype:
                         self.state[p][key] = value.to(device=self.state[p][key].device, copy=True)
+        self.skipped_steps = int(state_dict.get("muonq", {}).get("skipped_steps", 0))
+        if changes:
+            self._convert(changes, now)
         from .distributed import engine_for
 
         engine = engine_for(self)
         if hasattr(engine, "localize"):  # DDP state sharding: keep only this rank's part
             engine.localize(self)
+
+    def _checks_loaded_state(self) -> bool:
+        """Whether ``load_state_dict`` checks entries against the schema (DeepSpeed's flat state is its own)."""
+        return True
+
+    def _storage_changes(self, state_dict: dict, now: list[dict]) -> dict[int, dict[str, tuple[Any, Any]]]:
+        """{group: {option: (saved, now)}} where the storage options differ; refused where state is sharded."""
+        out = {}
+        for g, (saved, group) in enumerate(zip(state_dict["param_groups"], now, strict=True)):
+            changes = storage_changes({**self.defaults, **saved}, group)
+            if not changes:
+                continue
+            sharded = self.ddp_shard_state or any(
+                hasattr(v, "to_local") for i in saved["params"] for v in state_dict["state"].get(i, {}).values()
+            )
+            if sharded:
+                option = next(iter(changes))
+                raise CheckpointError(
+                    f"MuonQ.load_state_dict: {option} is {changes[option][0]!r} in the checkpoint and "
+                    f"{changes[option][1]!r} now; converting a sharded (FSDP2 / ddp_shard_state) state is not "
+                    f"supported: resume with {option}={changes[option][0]!r}, or convert the checkpoint in one process"
+                )
+            out[g] = changes
+        return out
+
+    def _convert(self, changes: dict[int, dict[str, tuple[Any, Any]]], now: list[dict]) -> None:
+        """Re-encode the loaded state of the changed groups with the options given now, and keep those options."""
+        index = 0
+        for g, group in enumerate(self.param_groups):
+            if g in changes:
+                saved = dict(group)
+                keys = MUON_STORAGE if group["use_muon"] else ADAMW_STORAGE
+                group.update({k: now[g][k] for k in keys})
+                for i, p in enumerate(group["params"]):
+                    if self.state.get(p):
+                        self.state[p] = convert_state(p, self.state[p], saved, group, index + i)
+            index += len(group["params"])
+        lines = [
+            f"group {g}: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in c.items()) for g, c in changes.items()
+        ]
+        logger.warning("MuonQ: the checkpoint's state was converted to the options given now (%s)", "; ".join(lines))
 
 
 def _codebook(key: str, device: torch.device) -> DynamicCodebook:

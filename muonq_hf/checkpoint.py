@@ -1,0 +1,209 @@
+"""What a loaded MuonQ state must look like, the checks run before anything changes, and the conversion of a
+state saved with other storage options (README, "Options and resume"; layout: docs/design.md).
+
+``state_schema(shape, group)`` lists every state entry of one parameter (key -> shape, dtype), derived from the
+matrix plan and the options, as the step writes them; ``muonq_hf.memory.expected_state_bytes`` counts it.
+``check_state_dict`` compares a checkpoint against it (keys, shapes, dtypes, finite values, non-negative
+second moments and scales, valid saved options) and raises ``CheckpointError`` naming the parameter and the
+entry. ``convert_state`` re-encodes one parameter's state from the saved options to the current ones.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .codecs import dequantize_dynamic8, dynamic_codebook, packed_width, quantize_dynamic8
+from .lowrank import power_iteration_split, rank_for
+from .matrices import MatrixPlan, batch_key, plan_of
+from .momentum import dequantized_momentum, frobenius, generator, row_widths, store_batch, store_momentum
+from .options import validate_group
+
+# Options that decide how the state is stored (a change converts the state); the others are hyperparameters
+MUON_STORAGE = ("bits", "rank_divisor", "mu", "block_size", "normalize", "store_norm", "qkv_split", "split_dim",
+                "piece_sizes", "interleave", "experts")
+ADAMW_STORAGE = ("adamw_bits",)
+ADAMW_8BIT_MIN_NUMEL = 4096  # like bitsandbytes' min_8bit_size: tiny tensors keep fp32 moments
+ADAMW_8BIT_BLOCK = 256
+F32, F16, U8 = torch.float32, torch.float16, torch.uint8
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit this optimizer or is corrupt; nothing was changed."""
+
+
+def adamw_quantized(shape: tuple[int, ...], group: dict) -> bool:
+    """The one rule for 8-bit AdamW moments: adamw_bits=8 and a matrix of >= 4096 elements."""
+    return group["adamw_bits"] == 8 and len(shape) >= 2 and math.prod(shape) >= ADAMW_8BIT_MIN_NUMEL
+
+
+def state_schema(shape: tuple[int, ...], group: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Every state entry of a parameter of ``shape`` in ``group`` (all options set) after a step."""
+    out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"step": ((), F32)}
+    if not group["use_muon"]:
+        if adamw_quantized(shape, group):
+            rows, cols = shape[0], math.prod(shape) // shape[0]
+            for key in ("exp_avg", "exp_avg_sq"):
+                out[f"{key}_codes"] = ((rows, cols), U8)
+                out[f"{key}_absmax"] = ((rows, -(-cols // ADAMW_8BIT_BLOCK)), F32)
+        else:
+            out["exp_avg"] = out["exp_avg_sq"] = (tuple(shape), F32)
+        return out
+    plan = plan_of(torch.empty(shape, device="meta"), group)
+    lead = (plan.experts,) if plan.stacked else ()
+    bits = group["bits"]
+    row_keys = ("res", "P") if bits == 32 else ("res_codes", "P_codes")
+    if bits != 32 and group["block_size"] is not None:
+        row_keys += ("res_scale",)
+    for key in row_keys:
+        widths = row_widths(plan, group, key)
+        if any(widths):
+            out[key] = ((*lead, plan.m, plan.row_width(widths)), F32 if bits == 32 else (F16 if "scale" in key else U8))
+    for b, pieces in enumerate(plan.batches):
+        rows, cols = plan.batch_shape(b)
+        r, c = rank_for(rows, cols, group["rank_divisor"]), (*lead, len(pieces))
+        entries: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        if bits == 32:
+            if r:
+                entries["R"] = ((*c, cols, r), F32)
+        else:
+            if group["block_size"] is None:
+                entries["res_scale"] = (c, F16)
+            if r:
+                entries.update(P_scale=((*c, r), F16), R_codes=((*c, cols, packed_width(r, bits)), U8),
+                               R_scale=((*c, r), F16))
+        if group["store_norm"] and group["normalize"]:
+            entries["norm"] = (c, F32)
+        out.update({batch_key(k, b): v for k, v in entries.items()})
+    return out
+
+
+# ------------------------------------------------------------------------------------------- checks
+def _nonnegative(key: str) -> bool:
+    return key.endswith(("_scale", "_absmax", "exp_avg_sq")) or key in ("norm", "step")
+
+
+def _check_entry(where: str, key: str, value: Any, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    if not torch.is_tensor(value):
+        raise CheckpointError(f"{where}: state entry {key!r} is a {type(value).__name__}, expected a tensor")
+    got = tuple(value.shape)
+    if got != shape or value.dtype != dtype:
+        raise CheckpointError(
+            f"{where}: state entry {key!r} is {value.dtype} {got}, expected {dtype} {shape} for this parameter "
+            "and these options"
+        )
+    if dtype == U8:
+        return
+    local = value.to_local() if hasattr(value, "to_local") else value
+    if not bool(torch.isfinite(local).all()):
+        raise CheckpointError(f"{where}: state entry {key!r} holds non-finite values: the checkpoint is corrupt")
+    if _nonnegative(key) and bool((local < 0).any()):
+        raise CheckpointError(f"{where}: state entry {key!r} holds negative values: the checkpoint is corrupt")
+
+
+def check_state_dict(param_groups: list[dict], defaults: dict, state_dict: Any) -> None:
+    """Raise CheckpointError unless ``state_dict`` is a MuonQ state that fits ``param_groups`` and is sound.
+
+    Saved entries are checked against the schema of the *saved* options (a state saved with other storage
+    options is converted after loading); routing (use_muon) must match."""
+    if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+        raise CheckpointError("MuonQ.load_state_dict: not an optimizer state dict (needs 'state' and 'param_groups')")
+    saved_groups, state = state_dict["param_groups"], state_dict["state"]
+    if len(saved_groups) != len(param_groups):
+        raise CheckpointError(
+            f"MuonQ.load_state_dict: the checkpoint has {len(saved_groups)} param groups, this optimizer "
+            f"{len(param_groups)}: it was saved for another model or routing"
+        )
+    for g, (saved, group) in enumerate(zip(saved_groups, param_groups, strict=True)):
+        if "use_muon" not in saved:
+            raise CheckpointError(
+                f"MuonQ.load_state_dict: param group {g} of the checkpoint has no 'use_muon': it was not saved by "
+                "MuonQ (e.g. torch.optim.AdamW); start the optimizer fresh instead of loading it"
+            )
+        if len(saved["params"]) != len(group["params"]):
+            raise CheckpointError(
+                f"MuonQ.load_state_dict: param group {g} has {len(saved['params'])} parameters in the checkpoint "
+                f"and {len(group['params'])} here"
+            )
+        if saved["use_muon"] != group["use_muon"]:
+            kind = {True: "Muon", False: "AdamW"}
+            raise CheckpointError(
+                f"MuonQ.load_state_dict: param group {g} is {kind[group['use_muon']]} here but "
+                f"{kind[saved['use_muon']]} in the checkpoint: the routing changed"
+            )
+        options = {**defaults, **{k: v for k, v in saved.items() if k != "params"}}
+        try:
+            validate_group(options)
+        except ValueError as err:
+            raise CheckpointError(f"MuonQ.load_state_dict: param group {g} of the checkpoint: {err}") from None
+        names = group.get("param_names") or [None] * len(group["params"])
+        for i, (saved_id, p, name) in enumerate(zip(saved["params"], group["params"], names, strict=True)):
+            entries = state.get(saved_id)
+            if not entries:
+                continue
+            where = f"MuonQ.load_state_dict: parameter {name or f'{i} of group {g}'} of shape {tuple(p.shape)}"
+            try:
+                schema = state_schema(tuple(p.shape), options)
+            except ValueError as err:
+                raise CheckpointError(f"{where}: the checkpoint's options do not fit it: {err}") from None
+            keys = {k for k in entries if k != "zero_world_size"}
+            if keys != set(schema):
+                missing, extra = sorted(set(schema) - keys), sorted(keys - set(schema))
+                raise CheckpointError(f"{where}: state entries do not match (missing {missing}, unexpected {extra})")
+            for key, (shape, dtype) in schema.items():
+                _check_entry(where, key, entries[key], shape, dtype)
+
+
+# ---------------------------------------------------------------------------------------- conversion
+def storage_changes(saved: dict, group: dict) -> dict[str, tuple[Any, Any]]:
+    """{option: (saved value, value now)} for the storage options that differ."""
+    keys = MUON_STORAGE if group["use_muon"] else ADAMW_STORAGE
+    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731 - tuples come back as lists
+    return {k: (saved[k], group[k]) for k in keys if norm(saved[k]) != norm(group[k])}
+
+
+def encode_momentum(M: torch.Tensor, state: dict, plan: MatrixPlan, group: dict, index: int) -> None:
+    """Store the momentum M (E, m, n) in ``state`` as the step would with ``group``'s options; the split's warm
+    start is the keyed first-step Gaussian, so every rank and every resume encodes the same bits."""
+    for b in range(len(plan.batches)):
+        rows, cols = plan.batch_shape(b)
+        X = plan.take(M, b)  # (E * c, rows, cols)
+        norm = frobenius(X, lambda t: t) if group["normalize"] else None
+        X_bar = X / (norm + 1e-7) if group["normalize"] else X
+        r = rank_for(rows, cols, group["rank_divisor"])
+        key = (index,) if b == 0 else (index, b)
+        P = R = None
+        res = X_bar
+        if r:
+            R0 = torch.randn((X.size(0), cols, r), generator=generator(group["seed"], *key), dtype=torch.float32)
+            P, R, res = power_iteration_split(X_bar, R0.to(X.device))
+        encoded: dict = {}
+        store_momentum(encoded, group, res, P, R, norm, (*key, 0), lambda t: t)
+        store_batch(state, plan, group, b, encoded)
+
+
+def convert_state(p: torch.Tensor, state: dict, saved: dict, group: dict, index: int) -> dict:
+    """The state of ``p`` saved with the options ``saved``, re-encoded with ``group``'s options."""
+    if not state:
+        return state
+    if not group["use_muon"]:
+        shape = tuple(p.shape)
+        was, now = adamw_quantized(shape, saved), adamw_quantized(shape, group)
+        if was == now:
+            return state
+        out = {"step": state["step"]}
+        for key in ("exp_avg", "exp_avg_sq"):
+            book = dynamic_codebook(signed=key == "exp_avg", device=p.device)  # m is signed, v is not
+            if was:
+                out[key] = dequantize_dynamic8(state[f"{key}_codes"], state[f"{key}_absmax"], book).view(shape)
+            else:
+                value = state[key].reshape(shape[0], -1).float()
+                out[f"{key}_codes"], out[f"{key}_absmax"] = quantize_dynamic8(value, book, ADAMW_8BIT_BLOCK)
+        return out
+    M = dequantized_momentum(plan_of(p, saved), state, saved)  # (E, m, n) in the saved plan's view
+    new_plan = plan_of(p, group)
+    out = {"step": state["step"]}
+    encode_momentum(new_plan.view(M.reshape(p.shape)), out, new_plan, group, index)
+    return out
