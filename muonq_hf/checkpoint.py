@@ -111,17 +111,18 @@ def check_state_dict(param_groups: list[dict], defaults: dict, state_dict: Any) 
     if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
         raise CheckpointError("MuonQ.load_state_dict: not an optimizer state dict (needs 'state' and 'param_groups')")
     saved_groups, state = state_dict["param_groups"], state_dict["state"]
+    for g, saved in enumerate(saved_groups):
+        if "use_muon" not in saved:
+            raise CheckpointError(
+                f"MuonQ.load_state_dict: param group {g} of the checkpoint has no 'use_muon': it was not saved by "
+                "MuonQ (e.g. torch.optim.AdamW); start the optimizer fresh instead of loading it"
+            )
     if len(saved_groups) != len(param_groups):
         raise CheckpointError(
             f"MuonQ.load_state_dict: the checkpoint has {len(saved_groups)} param groups, this optimizer "
             f"{len(param_groups)}: it was saved for another model or routing"
         )
     for g, (saved, group) in enumerate(zip(saved_groups, param_groups, strict=True)):
-        if "use_muon" not in saved:
-            raise CheckpointError(
-                f"MuonQ.load_state_dict: param group {g} of the checkpoint has no 'use_muon': it was not saved by "
-                "MuonQ (e.g. torch.optim.AdamW); start the optimizer fresh instead of loading it"
-            )
         if len(saved["params"]) != len(group["params"]):
             raise CheckpointError(
                 f"MuonQ.load_state_dict: param group {g} has {len(saved['params'])} parameters in the checkpoint "

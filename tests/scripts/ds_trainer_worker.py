@@ -27,7 +27,7 @@ import deepspeed.ops  # noqa: E402
 if os.environ.get("MUONQ_DS_SHM") != "1":  # see ds_engine_worker.py: gloo instead of the JIT-built kernel
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
-from tiny_hf import trainer_worker_data, trainer_worker_model  # noqa: E402
+from tiny_hf import exit_after_results, trainer_worker_data, trainer_worker_model  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 
@@ -76,10 +76,4 @@ def run(config: str, out: str) -> None:
 
 if __name__ == "__main__":
     main()
-    # Results are written; leave without the interpreter's teardown, where a comm thread of DeepSpeed/gloo
-    # still running at exit once aborted a rank ("terminate called without an active exception", CI run of
-    # 2026-11-29) after both ranks had finished and written their results.
-    torch.distributed.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_after_results()

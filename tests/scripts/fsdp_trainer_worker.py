@@ -22,7 +22,7 @@ import accelerate_cpu_fixture  # noqa: E402
 
 accelerate_cpu_fixture.install()
 
-from tiny_hf import trainer_worker_data, trainer_worker_model  # noqa: E402
+from tiny_hf import exit_after_results, trainer_worker_data, trainer_worker_model  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
@@ -79,3 +79,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_after_results()

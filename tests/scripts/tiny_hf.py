@@ -90,6 +90,19 @@ def train_tiny(args: TrainingArguments, dropout: float, resume: str | None = Non
     return trainer
 
 
+def exit_after_results() -> None:
+    """End a 2-rank Trainer worker once its results are written, skipping the interpreter's teardown: a comm
+    thread (gloo / DeepSpeed) still running at exit aborted a rank now and then ("terminate called without an
+    active exception", SIGABRT) after both ranks had finished and written their results."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main() -> None:
     script_args, args = HfArgumentParser((ScriptArguments, TrainingArguments)).parse_args_into_dataclasses()
     trainer = train_tiny(args, script_args.dropout)
