@@ -270,7 +270,8 @@ class FSDPEngine:
 def grads_finite(grads: Iterable[torch.Tensor]) -> bool:
     """All gradients finite on every rank (local shards checked, then an all-reduce so all ranks agree)."""
     grads = list(grads)
-    ok = torch.stack([torch.isfinite(_local(g)).all() for g in grads]).all().to(torch.int32).reshape(1)
+    flags = [torch.isfinite(_local(g)).all() for g in grads]
+    ok = (torch.stack(flags).all() if flags else torch.tensor(True)).to(torch.int32).reshape(1)
     group = next((g.device_mesh.get_group() for g in grads if is_dtensor(g)), None)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)

@@ -138,14 +138,14 @@ class MuonQ(torch.optim.Optimizer):
                 index += 1
 
     def _grads_finite(self) -> bool:
+        """All gradients finite; under FSDP2 and ``ddp_shard_state`` every rank takes the same decision (an
+        all-reduce), so a non-finite gradient on one rank raises or skips on all of them instead of deadlocking."""
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
-            return True
         from .distributed import grads_finite, is_dtensor
 
-        if any(is_dtensor(g) for g in grads):
-            return grads_finite(grads)  # local shards, then agreed by all-reduce
-        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        if any(is_dtensor(g) for g in grads) or self.ddp_shard_state:
+            return grads_finite(grads)  # local (shards), then agreed by all-reduce when a world is up
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
 
     # ------------------------------------------------------------------------------------------- Muon
     def _muon_step(self, p: torch.Tensor, group: dict, index: int) -> None:

@@ -91,3 +91,10 @@ def test_resume_two_to_one(world, kind):
     got = momenta(opt)
     assert got.keys() == saved.keys()
     assert all(torch.equal(got[i], saved[i]) for i in saved)
+
+
+def test_nonfinite_gradient_on_one_rank_gives_the_same_decision_on_every_rank(world):
+    """It used to deadlock: the clean rank stepped into the owners' broadcasts while the other raised."""
+    res = world[0]
+    assert res["nonfinite_error_all_ranks"] == [2, 0], res["nonfinite_error_all_ranks"]
+    assert res["nonfinite_skip_all_ranks"] == [0, 2], res["nonfinite_skip_all_ranks"]

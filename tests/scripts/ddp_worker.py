@@ -183,6 +183,22 @@ def main() -> None:
     train(ref_model, ref_opt, range(STEPS))
     res["resume_1to2_weights_rel_diff"] = max_rel_diff(weights(model.module), weights(ref_model))
 
+    # ---------------------------------------------------------------- a non-finite gradient on one rank only
+    for mode in ("error", "skip"):
+        model, opt = ddp("muonq", shard=True)
+        opt.nonfinite = mode
+        model(torch.zeros(2, 3, dtype=torch.long))[1].sum().backward()
+        if rank == 1:
+            model.module.fc1.weight.grad.fill_(float("nan"))  # after DDP's all-reduce: this rank only
+        try:
+            opt.step()
+            raised = False
+        except FloatingPointError:
+            raised = True
+        flags = torch.tensor([int(raised), opt.skipped_steps])
+        dist.all_reduce(flags)
+        res[f"nonfinite_{mode}_all_ranks"] = flags.tolist()  # [ranks that raised, ranks that skipped]
+
     write_results_and_finish(res, args.out, rank)
 
 
