@@ -1,6 +1,7 @@
 """Optimizer-state memory: counted analytically from parameter shapes, and measured from real state tensors.
 
-The analytic count mirrors each optimizer's state layout (MuonQ: ``muonq_hf/optimizer.py``; torch AdamW;
+The analytic count mirrors each optimizer's state layout (MuonQ: its state schema,
+``muonq_hf.memory.expected_state_bytes``; torch AdamW;
 bitsandbytes AdamW8bit: ``init_state`` in ``bitsandbytes/optim/optimizer.py``), so it works for models built
 on the ``meta`` device (GPT-2 medium, LLaMA-1B) without allocating anything. ``measured_bytes`` counts the
 tensors a real optimizer holds after one step; the test suite checks the two agree on a small model.
@@ -13,47 +14,14 @@ import math
 import torch
 from torch import nn
 
-from muonq_hf.codecs import packed_width
-from muonq_hf.lowrank import rank_for
-from muonq_hf.memory import state_bytes
-from muonq_hf.optimizer import ADAMW_8BIT_BLOCK, ADAMW_8BIT_MIN_NUMEL, ADAMW_DEFAULTS, MUON_DEFAULTS
+from muonq_hf.memory import expected_state_bytes, state_bytes
+from muonq_hf.optimizer import ADAMW_DEFAULTS, COMMON_DEFAULTS, MUON_DEFAULTS
 
 from .models import build_model
 from .variants import MAIN_ROWS, Variant, make_optimizer, muon_groups
 
 BNB_BLOCK, BNB_MIN_8BIT_SIZE, BNB_QMAP_BYTES = 256, 4096, 2 * 256 * 4  # two shared fp32 qmaps of 256 entries
 STEP_BYTES = 4  # torch AdamW and MuonQ keep ``step`` as a 0-d fp32 tensor per parameter; bnb as a Python int
-
-
-def _adamw_param_bytes(p: torch.Tensor, adamw_bits: int) -> int:
-    """MuonQ's AdamW part: fp32 m, v, or row-blockwise 8-bit codes + fp32 absmax for >= 2-D, >= 4096 elements."""
-    if adamw_bits == 8 and p.ndim >= 2 and p.numel() >= ADAMW_8BIT_MIN_NUMEL:
-        m, n = p.shape[0], p.numel() // p.shape[0]
-        return 2 * (m * n + 4 * m * math.ceil(n / ADAMW_8BIT_BLOCK)) + STEP_BYTES
-    return 8 * p.numel() + STEP_BYTES
-
-
-def _muon_param_bytes(p: torch.Tensor, group: dict) -> int:
-    """MuonQ's Muon part for one parameter: residual codes + scales, low-rank factors, norm, step."""
-    o = {**MUON_DEFAULTS, **group}
-    m, n = p.shape[0], p.numel() // p.shape[0]
-    k = o["qkv_split"]
-    mp, np_ = (m // k, n) if o["split_dim"] == 0 else (m, n // k)
-    r = rank_for(mp, np_, o["rank_divisor"])
-    bits = o["bits"]
-    total = STEP_BYTES
-    if o["store_norm"] and o["normalize"]:
-        total += 4 * k
-    if bits == 32:
-        return total + 4 * (m * n + k * (mp + np_) * r)
-    total += k * mp * packed_width(np_, bits)  # residual codes
-    if o["block_size"] is None:
-        total += 2 * k  # one fp16 scale per piece
-    else:
-        total += 2 * k * mp * math.ceil(np_ / o["block_size"])  # fp16 scale per row block
-    if r:
-        total += k * (mp + np_) * packed_width(r, bits) + 2 * 2 * k * r  # P, R codes; fp16 column scales
-    return total
 
 
 def analytic_bytes(model: nn.Module, variant: Variant) -> dict[str, int]:
@@ -71,12 +39,13 @@ def analytic_bytes(model: nn.Module, variant: Variant) -> dict[str, int]:
     muon = adamw = 0
     for group in muon_groups(model, variant):
         for p in group["params"]:
+            options = {**COMMON_DEFAULTS, **MUON_DEFAULTS, **ADAMW_DEFAULTS, **group}  # the variant sets group keys
             if not group["use_muon"]:
-                adamw += _adamw_param_bytes(p, group.get("adamw_bits", ADAMW_DEFAULTS["adamw_bits"]))
+                adamw += expected_state_bytes(tuple(p.shape), options)
             elif variant.kind == "muon_bf16":
                 muon += 2 * p.numel()  # bf16 momentum_buffer, no step counter
             else:
-                muon += _muon_param_bytes(p, group)
+                muon += expected_state_bytes(tuple(p.shape), options)
     return {"muon": muon, "adamw": adamw, "total": muon + adamw}
 
 

@@ -18,7 +18,15 @@ import torch
 from .codecs import dequantize_dynamic8, dynamic_codebook, packed_width, quantize_dynamic8
 from .lowrank import power_iteration_split, rank_for
 from .matrices import MatrixPlan, batch_key, plan_of
-from .momentum import dequantized_momentum, frobenius, generator, row_widths, store_batch, store_momentum
+from .momentum import (
+    dequantized_momentum,
+    frobenius,
+    generator,
+    row_widths,
+    scale_dtype,
+    store_batch,
+    store_momentum,
+)
 from .options import validate_group
 
 # Options that decide how the state is stored (a change converts the state); the others are hyperparameters
@@ -27,7 +35,7 @@ MUON_STORAGE = ("bits", "rank_divisor", "mu", "block_size", "normalize", "store_
 ADAMW_STORAGE = ("adamw_bits",)
 ADAMW_8BIT_MIN_NUMEL = 4096  # like bitsandbytes' min_8bit_size: tiny tensors keep fp32 moments
 ADAMW_8BIT_BLOCK = 256
-F32, F16, U8 = torch.float32, torch.float16, torch.uint8
+F32, U8 = torch.float32, torch.uint8
 
 
 class CheckpointError(ValueError):
@@ -53,14 +61,14 @@ def state_schema(shape: tuple[int, ...], group: dict) -> dict[str, tuple[tuple[i
         return out
     plan = plan_of(torch.empty(shape, device="meta"), group)
     lead = (plan.experts,) if plan.stacked else ()
-    bits = group["bits"]
+    bits, S = group["bits"], scale_dtype(group)
     row_keys = ("res", "P") if bits == 32 else ("res_codes", "P_codes")
     if bits != 32 and group["block_size"] is not None:
         row_keys += ("res_scale",)
     for key in row_keys:
         widths = row_widths(plan, group, key)
         if any(widths):
-            out[key] = ((*lead, plan.m, plan.row_width(widths)), F32 if bits == 32 else (F16 if "scale" in key else U8))
+            out[key] = ((*lead, plan.m, plan.row_width(widths)), F32 if bits == 32 else (S if "scale" in key else U8))
     for b, pieces in enumerate(plan.batches):
         rows, cols = plan.batch_shape(b)
         r, c = rank_for(rows, cols, group["rank_divisor"]), (*lead, len(pieces))
@@ -70,10 +78,10 @@ def state_schema(shape: tuple[int, ...], group: dict) -> dict[str, tuple[tuple[i
                 entries["R"] = ((*c, cols, r), F32)
         else:
             if group["block_size"] is None:
-                entries["res_scale"] = (c, F16)
+                entries["res_scale"] = (c, S)
             if r:
-                entries.update(P_scale=((*c, r), F16), R_codes=((*c, cols, packed_width(r, bits)), U8),
-                               R_scale=((*c, r), F16))
+                entries.update(P_scale=((*c, r), S), R_codes=((*c, cols, packed_width(r, bits)), U8),
+                               R_scale=((*c, r), S))
         if group["store_norm"] and group["normalize"]:
             entries["norm"] = (c, F32)
         out.update({batch_key(k, b): v for k, v in entries.items()})

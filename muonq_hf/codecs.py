@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 QMAX = {4: 7, 8: 127}
+SCALE_FLOOR = 2.0**-24  # the smallest positive fp16 (a 1e-8 floor was 0 in fp16)
 
 
 # --------------------------------------------------------------------------------------- mu-law companding
@@ -111,10 +112,12 @@ def quantize(
     stochastic: bool = False,
     generator: torch.Generator | None = None,
     group_max: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    scale_dtype: torch.dtype = torch.float16,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Q(x): x (..., m, n) fp32 -> (codes, scale).
 
-    y = C(x); s = max|y| / qmax (fp16, >= 1e-8); q = round(y / s). codes are uint8, packed two per byte
+    y = C(x); s = max|y| / qmax (in ``scale_dtype``, >= 2^-24, fp16's smallest positive value, so an all-zero
+    group gets a usable scale); q = round(y / s). codes are uint8, packed two per byte
     along the last dim for 4 bits ((..., m, ceil(n/2))), int8 viewed as uint8 for 8 bits ((..., m, n)).
     ``group_max`` reduces the per-group max|C(x)| of matrix and column groups across the ranks that hold
     row shards of x (all-reduce max); block groups lie within rows and need no reduction.
@@ -124,7 +127,7 @@ def quantize(
     absmax = _group_absmax(y, granularity, block_size)
     if group_max is not None and granularity != "block":
         absmax = group_max(absmax)
-    scale = (absmax / qmax).clamp(min=1e-8).to(torch.float16)
+    scale = (absmax / qmax).clamp(min=SCALE_FLOOR).to(scale_dtype)
     s = _broadcast_scale(scale.float(), granularity, y.size(-1), block_size)
     q = round_codes(y / s, qmax, stochastic, generator)
     codes = pack4(q) if bits == 4 else q.view(torch.uint8)

@@ -46,6 +46,12 @@ def _granularity(group: dict) -> str:
     return "matrix" if group["block_size"] is None else "block"
 
 
+def scale_dtype(group: dict) -> torch.dtype:
+    """fp16 scales hold normalized momenta (|values| <= 1); without normalization the momentum is unbounded
+    (gradients of ~3e4 overflowed fp16's 65504 into NaN weights), so its scales are fp32 (2 more bytes each)."""
+    return torch.float16 if group["normalize"] else torch.float32
+
+
 # ------------------------------------------------------------------------ one batch of matrices
 def muonq_momentum(
     G: torch.Tensor,
@@ -72,6 +78,10 @@ def muonq_momentum(
     if M_prev is None:  # first step: zero momentum, seeded Gaussian warm start
         M_prev = torch.zeros_like(G)
         R_prev = R_init(cols, r).to(G.device) if r else None
+    elif R_prev is not None:
+        dead = R_prev.square().sum(dim=-2, keepdim=True) == 0  # (c, 1, r): factor columns that collapsed to 0
+        if bool(dead.any()):  # (a rank-deficient momentum, e.g. a zero first gradient): re-seed them from the
+            R_prev = torch.where(dead, R_init(cols, r).to(G.device), R_prev)  # keyed Gaussian, so the split recovers
 
     G_hat = G / (frobenius(G, row_sum) + 1e-7) if group["normalize"] else G  # pre-quantization normalization
     M = beta * M_prev + G_hat  # (c, rows, cols)
@@ -140,14 +150,15 @@ def store_momentum(
         return {"stochastic": True, "generator": generator(group["seed"], *rounding_key, kind)}
 
     granularity = _granularity(group)
+    dtype = scale_dtype(group)
     codes, scale = quantize(
-        res, bits, mu, granularity, group["block_size"], group_max=row_max, **rounding(0)
+        res, bits, mu, granularity, group["block_size"], group_max=row_max, scale_dtype=dtype, **rounding(0)
     )  # (c, rows, w), (c, 1, 1) or (c, rows, nb)
     state["res_codes"] = codes
     state["res_scale"] = scale.flatten() if granularity == "matrix" else scale
     if P is not None:
-        P_codes, P_scale = quantize(P, bits, mu, "column", group_max=row_max, **rounding(1))  # (c, rows, w), (c, 1, r)
-        R_codes, R_scale = quantize(R, bits, mu, "column", **rounding(2))  # (c, cols, w), (c, 1, r)
+        P_codes, P_scale = quantize(P, bits, mu, "column", group_max=row_max, scale_dtype=dtype, **rounding(1))
+        R_codes, R_scale = quantize(R, bits, mu, "column", scale_dtype=dtype, **rounding(2))  # (c, cols, w), (c, 1, r)
         state["P_codes"], state["P_scale"] = P_codes, P_scale.squeeze(-2)
         state["R_codes"], state["R_scale"] = R_codes, R_scale.squeeze(-2)
 

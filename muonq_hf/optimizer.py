@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -79,7 +80,17 @@ class MuonQ(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.skipped_steps = 0
         self.ddp_shard_state = ddp_shard_state  # ZeRO-1 by whole tensors under DDP (muonq_hf.distributed)
+        params = list(params)
+        routed = any(isinstance(g, dict) and "use_muon" in g for g in params)  # the caller chose the routing
         super().__init__(params, defaults)
+        matrices = [p for g in self.param_groups if not g["use_muon"] for p in g["params"] if p.ndim >= 2]
+        if matrices and not routed:
+            warnings.warn(
+                f"MuonQ got {len(matrices)} matrices but no use_muon=True group: every parameter is updated by AdamW "
+                "and nothing by Muon. Build the groups with muonq_hf.param_groups(model)",
+                UserWarning,
+                stacklevel=2,
+            )
 
     # ------------------------------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict) -> None:
@@ -96,6 +107,11 @@ class MuonQ(torch.optim.Optimizer):
                 raise ValueError(
                     f"use_muon=True needs tensors of >= 2 dims, got shape {tuple(p.shape)}; put 1-D tensors "
                     "(norms, biases) in an AdamW group (use_muon=False), e.g. with muonq_hf.param_groups(model)"
+                )
+            if group["use_muon"] and p.numel() == 0:
+                raise ValueError(
+                    f"use_muon=True needs a matrix with elements, got an empty parameter of shape {tuple(p.shape)}; "
+                    "put it in an AdamW group (use_muon=False) or leave it out"
                 )
             if group["use_muon"]:
                 plan_of(p, group)  # a plan that does not fit the tensor fails here, naming its shape
@@ -141,6 +157,12 @@ class MuonQ(torch.optim.Optimizer):
         """All gradients finite; under FSDP2 and ``ddp_shard_state`` every rank takes the same decision (an
         all-reduce), so a non-finite gradient on one rank raises or skips on all of them instead of deadlocking."""
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        sparse = [tuple(g.shape) for g in grads if g.is_sparse]
+        if sparse:
+            raise ValueError(
+                f"MuonQ does not support sparse gradients (parameters of shape {sparse[:3]}): build the embedding "
+                "with sparse=False; no state or weight was changed"
+            )
         from .distributed import grads_finite, is_dtensor
 
         if any(is_dtensor(g) for g in grads) or self.ddp_shard_state:
@@ -203,7 +225,10 @@ class MuonQ(torch.optim.Optimizer):
         bias1, bias2 = 1 - beta1**step, 1 - beta2**step
         denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(group["eps"])
         p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.addcdiv_(exp_avg.to(p.dtype), denom.to(p.dtype), value=-group["lr"] / bias1)
+        if p.dtype == torch.float32:
+            p.addcdiv_(exp_avg, denom, value=-group["lr"] / bias1)
+        else:  # the ratio in fp32: eps = 1e-8 is 0 in fp16, and 0 / 0 turned fp16 weights NaN
+            p.add_((exp_avg / denom).to(p.dtype), alpha=-group["lr"] / bias1)
 
     # ------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

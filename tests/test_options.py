@@ -106,3 +106,81 @@ def test_param_groups_weight_decay_default_reaches_the_optimizer():
     by_param = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     assert by_param[id(model[0].weight)] == 0.1 and by_param[id(model[2].weight)] == 0.1
     assert by_param[id(model[0].bias)] == 0.0 and by_param[id(model[1].weight)] == 0.0
+
+
+def test_a_flat_parameter_list_with_matrices_warns_that_nothing_gets_muon():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+    with pytest.warns(UserWarning, match=r"MuonQ got 2 matrices but no use_muon=True group: every parameter is "
+                                         r"updated by AdamW and nothing by Muon"):
+        MuonQ(model.parameters())
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MuonQ([dict(params=list(model.parameters()), use_muon=False)])  # an explicit choice: no warning
+        MuonQ(param_groups(model, adamw_names="1.weight"))
+
+
+def test_sparse_gradients_and_empty_muon_parameters_are_refused_clearly():
+    emb = nn.Embedding(10, 8, sparse=True)
+    opt = MuonQ([dict(params=[emb.weight], use_muon=False)])
+    emb(torch.tensor([1, 2])).sum().backward()
+    before = emb.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"does not support sparse gradients \(parameters of shape \[\(10, 8\)\]\)"):
+        opt.step()
+    assert torch.equal(before, emb.weight) and not opt.state
+    with pytest.raises(ValueError, match=r"got an empty parameter of shape \(0, 8\); put it in an AdamW group"):
+        MuonQ([dict(params=[nn.Parameter(torch.randn(0, 8))], use_muon=True)])
+    empty = nn.Parameter(torch.randn(0, 8))
+    opt = MuonQ([dict(params=[empty], use_muon=False)])
+    empty.grad = torch.zeros(0, 8)
+    opt.step()  # an empty AdamW tensor is harmless
+
+
+def test_unnormalized_momentum_of_large_gradients_does_not_overflow_its_scales():
+    """normalize=False (the naive baseline): gradients of ~3e4 made momenta > 65504, fp16 scales inf, NaN weights."""
+    p = nn.Parameter(torch.randn(16, 16))
+    opt = MuonQ([dict(params=[p], use_muon=True)], lr=0.01, normalize=False, rank_divisor=0, mu=0.0)
+    for _ in range(3):
+        p.grad = torch.randn(16, 16) * 3e4
+        opt.step()
+    assert torch.isfinite(p).all() and opt.state[p]["res_scale"].dtype == torch.float32
+    assert torch.isfinite(opt.state[p]["res_scale"]).all()
+
+
+def test_a_zero_first_gradient_does_not_switch_the_low_rank_split_off():
+    """The zero first gradient leaves R's columns at 0; they are re-seeded from the keyed Gaussian at the next
+    step, so the split recovers (P has r orthonormal columns again), as the reference's Householder QR does."""
+    from muonq_hf.codecs import dequantize
+
+    p = nn.Parameter(torch.randn(32, 32))
+    opt = MuonQ([dict(params=[p], use_muon=True)], lr=0.01, rank_divisor=8, bits=32)
+    p.grad = torch.zeros(32, 32)
+    opt.step()
+    assert opt.state[p]["P"].abs().max() == 0  # rank-0 momentum: no factor survives
+    p.grad = torch.randn(32, 32, generator=torch.Generator().manual_seed(0))
+    opt.step()
+    P = opt.state[p]["P"]  # (32, 4) fp32 with bits=32
+    gram = P.T @ P
+    off = float((gram - torch.eye(4)).abs().max())
+    assert off < 1e-4, f"P^T P is off the identity by {off}: the split did not recover"
+    q = nn.Parameter(torch.randn(32, 32))  # 4-bit codes too: the zero scale floor decodes to exact zeros
+    opt = MuonQ([dict(params=[q], use_muon=True)], lr=0.01, rank_divisor=8)
+    q.grad = torch.zeros(32, 32)
+    opt.step()
+    state = opt.state[q]
+    assert (state["R_scale"] > 0).all()
+    assert dequantize(state["R_codes"], state["R_scale"].unsqueeze(-2), 4, 4, 255.0, "column").abs().max() == 0
+    q.grad = torch.randn(32, 32, generator=torch.Generator().manual_seed(0))
+    opt.step()
+    assert (opt.state[q]["R_codes"] != 0x88).any()  # live factors again
+
+
+def test_fp16_adamw_parameters_stay_finite_where_a_gradient_entry_is_zero():
+    p = nn.Parameter(torch.randn(8, 8).half())
+    opt = MuonQ([dict(params=[p], use_muon=False)], lr=0.01)
+    grad = torch.randn(8, 8).half()
+    grad[0] = 0
+    p.grad = grad
+    opt.step()
+    assert torch.isfinite(p).all()
