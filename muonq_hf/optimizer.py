@@ -131,6 +131,7 @@ class MuonQ(torch.optim.Optimizer):
                 )
             self.skipped_steps += 1
             return loss
+        self._convert_if_options_changed()
         from .distributed import engine_for  # FSDP2 DTensors or DDP state sharding; None in one process
 
         engine = engine_for(self)
@@ -265,8 +266,13 @@ class MuonQ(torch.optim.Optimizer):
                     if torch.is_tensor(value) and self.state[p][key].dtype != value.dtype:
                         self.state[p][key] = value.to(device=self.state[p][key].device, copy=True)
         self.skipped_steps = int(state_dict.get("muonq", {}).get("skipped_steps", 0))
+        saved = [dict(group) for group in self.param_groups]  # torch's loader put the saved options in the groups
+        for g, group in enumerate(self.param_groups):  # storage options given now win
+            keys = MUON_STORAGE if group["use_muon"] else ADAMW_STORAGE
+            group.update({k: now[g][k] for k in keys})
+        self._remember_storage()
         if changes:
-            self._convert(changes, now)
+            self._convert(changes, saved, "the checkpoint was saved with other storage options")
         from .distributed import engine_for
 
         engine = engine_for(self)
@@ -297,22 +303,50 @@ class MuonQ(torch.optim.Optimizer):
             out[g] = changes
         return out
 
-    def _convert(self, changes: dict[int, dict[str, tuple[Any, Any]]], now: list[dict]) -> None:
-        """Re-encode the loaded state of the changed groups with the options given now, and keep those options."""
+    def _convert(self, changes: dict[int, dict[str, tuple[Any, Any]]], saved: list[dict], why: str) -> None:
+        """Re-encode the state of the changed groups from their ``saved`` options to the ones they hold now."""
         index = 0
         for g, group in enumerate(self.param_groups):
             if g in changes:
-                saved = dict(group)
-                keys = MUON_STORAGE if group["use_muon"] else ADAMW_STORAGE
-                group.update({k: now[g][k] for k in keys})
                 for i, p in enumerate(group["params"]):
                     if self.state.get(p):
-                        self.state[p] = convert_state(p, self.state[p], saved, group, index + i)
+                        self.state[p] = convert_state(p, self.state[p], saved[g], group, index + i)
             index += len(group["params"])
+        self._remember_storage()
         lines = [
             f"group {g}: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in c.items()) for g, c in changes.items()
         ]
-        logger.warning("MuonQ: the checkpoint's state was converted to the options given now (%s)", "; ".join(lines))
+        logger.warning("MuonQ: %s; the state was converted to the options given now (%s)", why, "; ".join(lines))
+
+    def _remember_storage(self) -> None:
+        """The storage options the state of each group is written with (a later change converts the state)."""
+        self._stored_with = [dict(group) for group in self.param_groups]
+
+    def _convert_if_options_changed(self) -> None:
+        """Storage options changed in ``param_groups`` since the state was written: convert before stepping."""
+        stored = getattr(self, "_stored_with", None)
+        if stored is None or len(stored) != len(self.param_groups):
+            return self._remember_storage()
+        changes = {}
+        for g, (was, group) in enumerate(zip(stored, self.param_groups, strict=True)):
+            diff = storage_changes(was, group)
+            if diff and any(self.state.get(p) for p in group["params"]):
+                changes[g] = diff
+        if not changes:
+            return None
+        sharded = self.ddp_shard_state or any(
+            hasattr(v, "to_local") for g in changes for p in self.param_groups[g]["params"]
+            for v in self.state.get(p, {}).values()
+        )
+        if sharded:
+            g, diff = next(iter(changes.items()))
+            option, (was, now) = next(iter(diff.items()))
+            raise CheckpointError(
+                f"MuonQ: {option} of param group {g} changed from {was!r} to {now!r} after the state was written; "
+                "converting a sharded (FSDP2 / ddp_shard_state) state is not supported: keep the option"
+            )
+        self._convert(changes, stored, "storage options changed in param_groups")
+        return None
 
 
 def _codebook(key: str, device: torch.device) -> DynamicCodebook:

@@ -238,3 +238,21 @@ def test_trainer_resume_with_new_optim_args_converts_to_them(tmp_path):
             assert opt.state[p]["res_codes"].shape[-1] == plan.row_width(widths)
     saved = torch.load(tmp_path / "checkpoint-4" / "optimizer.pt", weights_only=True)
     assert all(g["bits"] == 8 for g in saved["param_groups"] if g["use_muon"])
+
+
+def test_changing_a_storage_option_after_loading_converts_at_the_next_step(caplog):
+    """It used to crash with `The size of tensor a (8) must match the size of tensor b (16)`."""
+    model, opt = trained()
+    torch.manual_seed(0)
+    model2 = Net()
+    model2.load_state_dict(model.state_dict())
+    opt2 = MuonQ(param_groups(model2), lr=0.01)
+    opt2.load_state_dict(opt.state_dict())
+    for group in opt2.param_groups:
+        group["bits"] = 8
+    with caplog.at_level(logging.WARNING, logger="transformers.muonq_hf"):
+        model2(torch.randint(0, 300, (4, 8))).backward()
+        opt2.step()
+    assert any("storage options changed in param_groups" in r.getMessage() for r in caplog.records)
+    assert opt2.state[model2.fc.weight]["res_codes"].shape == (16, 16)  # 8-bit: one byte per column
+    assert all(torch.isfinite(p).all() for p in model2.parameters())
