@@ -134,3 +134,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        exit_after_results()  # under torchrun: results are written, skip the teardown
