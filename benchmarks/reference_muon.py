@@ -15,7 +15,7 @@ from muonq_hf.optimizer import MuonQ
 
 
 class MuonBF16(MuonQ):
-    """Plain Muon (SPEC section 2) with ``momentum_buffer`` kept in bf16; AdamW groups as in MuonQ."""
+    """Plain Muon (docs/design.md, "Plain Muon") with ``momentum_buffer`` kept in bf16; AdamW groups as in MuonQ."""
 
     def _muon_step(self, p: torch.Tensor, group: dict, index: int) -> None:
         plan = plan_of(p, group)

@@ -1,7 +1,7 @@
 """Distributed MuonQ: FSDP2 row-sharded state with distributed Newton-Schulz, and DDP whole-matrix sharding.
 
 FSDP2 (``fully_shard``: parameters are DTensors ``Shard(0)`` on a 1-D mesh). Each rank keeps the state of
-its own rows only (SPEC section 5): the residual codes and P are DTensors with the parameter's mesh and
+its own rows only (docs/design.md, "State layout"): the residual codes and P are DTensors with the parameter's mesh and
 placements (built with the global shape, so uneven and empty shards work), the per-matrix scales and R are
 plain tensors, identical on every rank. The momentum step runs on the local rows with all-reduced norms,
 Gram matrices, R and absmax (``muonq_update`` with ``row_sum``/``row_max``). Newton-Schulz needs the whole

@@ -1,4 +1,4 @@
-"""Simulated floating-point quantization and quantized Adam / Muon (arXiv 2510.21314, SPEC section 7).
+"""Simulated floating-point quantization and quantized Adam / Muon (arXiv 2510.21314, docs/fp_quantization.md).
 
 ``round_to_format`` rounds a tensor to a float format with ``exp_bits`` exponent and ``man_bits`` mantissa
 bits, IEEE-style: bias 2^(E-1)-1, subnormals (gradual underflow), round-to-nearest-even or stochastic
@@ -343,7 +343,7 @@ def as_matrices(x: torch.Tensor) -> torch.Tensor:
 
 
 class QuantizedMuon(_QuantizedOptimizer):
-    """Muon (SPEC section 2, no weight decay) with G, W, M in simulated float formats. Muon has no V.
+    """Muon (docs/design.md, "Plain Muon", no weight decay) with G, W, M in simulated float formats. Muon has no V.
 
     One step, per parameter viewed by ``as_matrices`` (a 1-D bias or the Rosenbrock point becomes a
     (1, n) row, whose polar factor is its direction v/||v||, up to NS5's ~[0.7, 1.2] singular values)::

@@ -1,4 +1,4 @@
-"""Floating-point quantization lab: Adam vs Muon with quantized G, W, M, V (arXiv 2510.21314, SPEC section 7).
+"""Floating-point quantization lab: Adam vs Muon with quantized G, W, M, V (arXiv 2510.21314, docs/fp_quantization.md).
 
     python -m muonq_hf.lab rosenbrock|mlp|errgrowth|all [--out DIR] [--steps N] [--seeds K] [--quick]
                            [--rounding nearest|stochastic] [--workers W]

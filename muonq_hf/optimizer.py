@@ -36,7 +36,7 @@ class MuonQ(torch.optim.Optimizer):
     """Muon with a quantized (default 4-bit) momentum for ``use_muon`` groups, AdamW for the others.
 
     Muon groups (``use_muon=True``, hidden matrices; any >= 2-D tensor viewed as (shape[0], rest)):
-    the MuonQ step of SPEC section 3 -- normalize the gradient, update the momentum, normalize it, split it
+    the MuonQ step (docs/design.md) -- normalize the gradient, update the momentum, normalize it, split it
     into a power-iteration rank-r part P R^T and a residual, store Q4(residual), Q4(P), Q4(R) with mu-law
     companding, and apply ``lr * 0.2 * sqrt(max(m, n)) * NS5(momentum)`` with decoupled weight decay.
     ``bits=32, normalize=False, rank_divisor=0, mu=0`` is plain fp32 Muon.

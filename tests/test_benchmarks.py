@@ -39,7 +39,7 @@ def test_analytic_state_bytes_equal_real_state_tensors(shape, one_thread):
 
 
 def test_analytic_count_works_on_meta_and_matches_hand_count_for_one_matrix():
-    """A model with one 256 x 256 Muon matrix: SPEC section 4's count, by hand, against the meta-device count."""
+    """A model with one 256 x 256 Muon matrix: the count of docs/design.md ("Memory") by hand, against meta."""
     model = torch.nn.Sequential(torch.nn.Linear(256, 256, bias=False)).to("meta")
     # residual 0.5 B/elem, P and R (256 x 16) 0.5 B/elem, fp16 scales (1 residual + 2 x 16 columns), step
     expected = 256 * 128 + 2 * 256 * 8 + 2 * (1 + 2 * 16) + 4

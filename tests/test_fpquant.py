@@ -220,7 +220,7 @@ def test_quantized_adam_is_torch_adam_at_full_precision(fmt) -> None:
 
 
 class ReferenceMuon(torch.optim.Optimizer):
-    """SPEC section 2 without weight decay: M = beta M + G; W -= lr 0.2 sqrt(max(m, n)) NS5(M), with a
+    """docs/design.md, "Plain Muon" without weight decay: M = beta M + G; W -= lr 0.2 sqrt(max(m, n)) NS5(M), with a
     1-D tensor as a (1, n) row and a 3-D tensor as a batch of matrices."""
 
     def __init__(self, params, lr: float, momentum: float = 0.95) -> None:

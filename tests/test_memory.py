@@ -25,7 +25,7 @@ def one_step(groups, **options):
 
 
 def analytic_muonq_bytes(m: int, n: int, k: int = 1, rank_divisor: int = 16) -> int:
-    """SPEC section 4: 0.5 bytes per residual element, 0.5 per factor element, fp16 scales."""
+    """docs/design.md, "Memory": 0.5 bytes per residual element, 0.5 per factor element, fp16 scales."""
     mp, np_ = (m, n // k)
     r = min(mp, np_) // rank_divisor
     residual = k * mp * ((np_ + 1) // 2)

@@ -1,4 +1,4 @@
-"""MuonQ against independent references written here: plain fp32 Muon, fp32 MuonQ (SPEC section 3) and
+"""MuonQ against independent references written here: plain fp32 Muon, fp32 MuonQ (docs/design.md, "The MuonQ step") and
 torch's AdamW; fused-QKV splitting; conv kernels; non-finite gradients; option validation."""
 
 import copy
@@ -29,7 +29,8 @@ def ns5_reference(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
 
 
 class ReferenceMuon:
-    """SPEC section 2: M = beta M + G; U = NS5(M) (or NS5(G + beta M)); W *= 1 - lr wd; W -= lr 0.2 sqrt(max) U."""
+    """Plain Muon (docs/design.md): M = beta M + G; U = NS5(M) (or NS5(G + beta M)); W *= 1 - lr wd;
+    W -= lr 0.2 sqrt(max) U."""
 
     def __init__(self, lr, beta=0.95, wd=0.0, nesterov=False):
         self.lr, self.beta, self.wd, self.nesterov, self.buf = lr, beta, wd, nesterov, {}
@@ -44,7 +45,8 @@ class ReferenceMuon:
 
 
 class ReferenceMuonQ32:
-    """SPEC section 3 in fp32 with torch.linalg.qr (Householder): normalize G, momentum, normalize M, split."""
+    """The MuonQ step (docs/design.md) in fp32 with torch.linalg.qr (Householder): normalize G, momentum,
+    normalize M, split."""
 
     def __init__(self, lr, beta=0.95, rank_divisor=16):
         self.lr, self.beta, self.rank_divisor, self.state = lr, beta, rank_divisor, {}
@@ -112,7 +114,7 @@ def test_adamw_groups_equal_torch_adamw():
 
 
 def test_fp32_muonq_with_split_equals_reference():
-    """bits=32 keeps normalize and the low-rank split: the whole data path of SPEC section 3 minus the codec."""
+    """bits=32 keeps normalize and the low-rank split: the whole MuonQ step (docs/design.md) minus the codec."""
     torch.manual_seed(0)
     W0 = torch.randn(64, 96)
     grads = grads_for([(64, 96)], 6)

@@ -29,7 +29,7 @@ D, VOCAB, BATCH, SEQ = 32, 129, 8, 6  # VOCAB * D = 4128 >= 4096: the embedding 
 E, F, KV = 3, 16, 8  # experts, expert width, key/value rows of the grouped-query QKV
 CONFIGS = {
     "muonq": dict(adamw_bits=8),  # MuonQ defaults (4-bit, mu-law, low-rank split, normalization)
-    "muon32": dict(bits=32, normalize=False, rank_divisor=0, mu=0.0),  # plain fp32 Muon (SPEC section 2)
+    "muon32": dict(bits=32, normalize=False, rank_divisor=0, mu=0.0),  # plain fp32 Muon (docs/design.md, "Plain Muon")
 }
 LR, WD = 0.02, 0.1
 STEPS, HALF = 6, 3  # a resume test trains HALF steps, checkpoints, then continues to STEPS
