@@ -204,12 +204,34 @@ class DynamicCodebook:
         return self.values.index_select(0, codes.flatten().int()).view(codes.shape)
 
 
+def dynamic_map(signed: bool) -> torch.Tensor:
+    """The 256 values of bitsandbytes' dynamic 8-bit map (``create_dynamic_map(signed)``, 7 exponent bits).
+
+    A copy of bitsandbytes' ``bitsandbytes.functional.create_dynamic_map`` (MIT license, Tim Dettmers; the
+    dynamic data type of "8-Bit Approximations for Parallelism in Deep Learning", arXiv 1511.04561), written
+    with the same fp32 operations so the values are bit-identical (tested against bitsandbytes when it is
+    installed); the package needs no bitsandbytes at run time. Each power of ten 10^-6 .. 10^0 gets a linear
+    grid of means in [0.1, 1); signed maps mirror it; 0 and 1 are added; sorted ascending.
+    """
+    exponent_bits = 7  # = the 7 non-sign bits of a byte: no extra linear items
+    data: list[float] = []
+    for i in range(exponent_bits):
+        items = 2**i + 1 if signed else 2 ** (i + 1) + 1  # fraction grid of this exponent (+1 boundary)
+        boundaries = torch.linspace(0.1, 1, items, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-(exponent_bits - 1) + i)) * means).tolist()
+        if signed:
+            data += (-(10 ** (-(exponent_bits - 1) + i)) * means).tolist()
+    data += [0, 1.0]
+    data += [0] * (256 - len(data))  # the unsigned map has one spare slot, filled with 0 as bitsandbytes does
+    data.sort()
+    return torch.tensor(data, dtype=torch.float32)
+
+
 @functools.lru_cache(maxsize=8)
 def dynamic_codebook(signed: bool, device: torch.device | str = "cpu") -> DynamicCodebook:
-    """The codebook of bitsandbytes' ``create_dynamic_map(signed)`` on ``device`` (built once, cached)."""
-    from bitsandbytes.functional import create_dynamic_map
-
-    values = create_dynamic_map(signed=signed).float().sort().values  # (256,)
+    """The codebook of the dynamic map (``dynamic_map(signed)``) on ``device`` (built once, cached)."""
+    values = dynamic_map(signed).sort().values  # (256,)
     midpoints = ((values[1:] + values[:-1]) / 2).double()  # (255,), exact in fp64
     bf16 = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)  # by bucket
     below, above = _bf16_neighbours(bf16)

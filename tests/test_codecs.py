@@ -175,3 +175,13 @@ def test_dynamic8_picks_the_nearest_entry_and_matches_bitsandbytes(signed):
     agree = (y - y_ref).abs() <= 1e-6 * x.abs().amax()
     assert agree.float().mean() > (0.99 if signed else 0.95)
     assert ((y - x).abs() <= (y_ref - x).abs() + 1e-6).all()
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_dynamic_map_is_bitsandbytes_map_bit_for_bit(signed):
+    """The package's copy of the dynamic map (no bitsandbytes at run time) equals bitsandbytes' own."""
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    from muonq_hf.codecs import dynamic_map
+
+    ours, theirs = dynamic_map(signed), bnb.create_dynamic_map(signed=signed)
+    assert ours.dtype == theirs.dtype and torch.equal(ours.view(torch.int32), theirs.view(torch.int32))

@@ -83,3 +83,13 @@ def test_trl_sft_trains_with_muonq_through_the_switch(local_model):
     assert muon and all(g["bits"] == 4 for g in muon)  # --optim_args reached MuonQ
     codes = [s["res_codes"] for s in state["state"].values() if "res_codes" in s]
     assert codes and all(c.dtype == torch.uint8 for c in codes)  # the packed 4-bit momentum: MuonQ trained
+
+
+def test_the_package_does_not_import_bitsandbytes():
+    """The 8-bit AdamW codec carries its own copy of the dynamic map: bitsandbytes is a dev/benchmark extra."""
+    code = ("import sys, torch, muonq_hf; from muonq_hf.codecs import dynamic_codebook; dynamic_codebook(True); "
+            "p = torch.nn.Parameter(torch.randn(64, 64)); p.grad = torch.randn(64, 64); "
+            "muonq_hf.MuonQ([dict(params=[p], use_muon=False)], adamw_bits=8).step(); "
+            "print('bitsandbytes' in sys.modules)")
+    out = python(code, ENV)
+    assert out.returncode == 0 and out.stdout.split() == ["False"], out.stderr[-2000:]
