@@ -8,16 +8,9 @@ all-reduce sums (fp32 ulps), hence the same tolerance as tests/test_fsdp2.py (me
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "scripts"))
-
-from fsdp_common import (  # noqa: E402
+from fsdp_common import (
     checkpoint_and_run_world,
     dcp_state,
     make_model,

@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from launch import torchrun_two, worker_env
 
 pytest.importorskip("deepspeed")
 
-from muonq_hf import MuonQ, param_groups  # noqa: E402
-from muonq_hf.deepspeed import (  # noqa: E402
+from muonq_hf import MuonQ, param_groups
+from muonq_hf.deepspeed import (
     DeepSpeedConfigError,
     DeepSpeedMuonQ,
     check_deepspeed_config,
@@ -35,18 +32,8 @@ SCENARIOS = "fp32,split,bf16,resume,plain,moe,gqa"
 STAGES = (1, 2)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(script: Path, args: list[str], out: Path, timeout: int = 600, extra_env: dict | None = None) -> None:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "DS_OUT": str(out), **(extra_env or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), str(script), *args]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+def torchrun(script: Path, args: list[str], out: Path, extra_env: dict | None = None) -> None:
+    torchrun_two(str(script), *args, env=worker_env(DS_ACCELERATOR="cpu", DS_OUT=str(out), **(extra_env or {})))
 
 
 @pytest.fixture(scope="module")

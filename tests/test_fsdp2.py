@@ -16,16 +16,10 @@ makes the low-rank split's basis depend on rounding noise in any run, so the toy
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import pytest
 import torch
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "scripts"))
-
-from fsdp_common import (  # noqa: E402
+from fsdp_common import (
     HALF,
     STEPS,
     checkpoint_and_run_world,
@@ -33,10 +27,9 @@ from fsdp_common import (  # noqa: E402
     make_model,
     make_optimizer,
     momenta,
-    run_two_ranks,
     train,
-    worker_env,
 )
+from launch import run_two_ranks, worker_env
 
 TOL = 1e-5
 
@@ -173,7 +166,7 @@ def test_fsdp1_refused():
 def trainer_world(tmp_path_factory):
     """`--optim muonq --fsdp full_shard` on 2 CPU ranks (tests/accelerate_cpu_fixture.py enables FSDP on CPU)."""
     out = tmp_path_factory.mktemp("fsdp_trainer")
-    run_two_ranks("fsdp_trainer_worker.py", env={**worker_env(), "FSDP_OUT": str(out)})
+    run_two_ranks("fsdp_trainer_worker.py", env=worker_env(FSDP_OUT=str(out)))
     results = []
     for rank in range(2):
         with open(out / f"trainer_rank{rank}.json") as f:

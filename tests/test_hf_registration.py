@@ -11,16 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_hf import tiny_model
+from transformers import HfArgumentParser, TrainingArguments
+from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS
+from transformers.training_args import OptimizerNames
 
 import muonq_hf
 from muonq_hf import MuonQ, hf
 from muonq_hf import options as options_module
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from tiny_hf import tiny_model  # noqa: E402
-from transformers import HfArgumentParser, TrainingArguments  # noqa: E402
-from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS  # noqa: E402
-from transformers.training_args import OptimizerNames  # noqa: E402
 
 PY = sys.executable
 

@@ -10,15 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_hf import TinyDataset, state_digest, tiny_model, train_tiny
+from transformers import Trainer, TrainingArguments
 
 import muonq_hf  # noqa: F401  (registers --optim muonq)
 from muonq_hf import MuonQ
 from muonq_hf import momentum as momentum_module
 
 SCRIPTS = Path(__file__).parent / "scripts"
-sys.path.insert(0, str(SCRIPTS))
-from tiny_hf import TinyDataset, state_digest, tiny_model, train_tiny  # noqa: E402
-from transformers import Trainer, TrainingArguments  # noqa: E402
 
 TF4_PATH = os.environ.get("MUONQ_HF_TF4_PATH")  # a `pip install --target` of transformers 4.57 (README)
 FULL_PRECISION_MUON = "bits=32,normalize=False,rank_divisor=0,mu=0"

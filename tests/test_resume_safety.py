@@ -214,10 +214,6 @@ def test_converting_sharded_state_is_refused_with_the_option_named():
 
 def test_trainer_resume_with_new_optim_args_converts_to_them(tmp_path):
     """`--optim_args bits=8` at resume used to be ignored (the run went on with the checkpoint's bits=4)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent / "scripts"))
     from tiny_hf import train_tiny
     from transformers import TrainingArguments
 

@@ -9,11 +9,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
-import subprocess
-import sys
 
 import torch
+from launch import run_two_ranks
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -148,19 +146,6 @@ def max_rel_diff(a: dict, b: dict) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max() / (b[k].float().abs().max() + 1e-12)) for k in b)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def worker_env() -> dict[str, str]:
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    scripts = os.path.join(root, "tests", "scripts")
-    path = os.pathsep.join([root, scripts, os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-
-
 def dcp_state(model: nn.Module, opt: MuonQ, full: bool = False) -> dict:
     """The model and optimizer state dicts as Accelerate saves them through torch.distributed.checkpoint."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
@@ -179,18 +164,6 @@ def save_one_process_checkpoint(ckpt: str) -> None:
     train(model, opt, range(HALF))
     dcp.save(dcp_state(model, opt), checkpoint_id=ckpt)  # single process: plain tensors
     torch.save(momenta(opt), ckpt + "_momenta.pt")
-
-
-def run_two_ranks(script: str, *args: str, env: dict[str, str] | None = None) -> None:
-    """``torchrun --nproc_per_node 2 tests/scripts/<script> *args`` (gloo, CPU); fails with the workers' output."""
-    scripts = os.path.dirname(os.path.abspath(__file__))
-    cmd = [
-        os.path.join(os.path.dirname(sys.executable), "torchrun"),
-        "--nproc_per_node", "2", "--master_port", str(free_port()),
-        os.path.join(scripts, script), *args,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env or worker_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
 def checkpoint_and_run_world(script: str, out: str) -> dict:

@@ -1,0 +1,37 @@
+"""The one 2-rank launcher of the test suite: ``torchrun --nproc_per_node 2`` on CPU (gloo), with a free port,
+one thread per rank and ``tests/scripts`` importable; a failure shows the workers' output."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(SCRIPTS))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    """The environment of the workers: one thread each, the repository and tests/scripts on PYTHONPATH."""
+    path = os.pathsep.join([ROOT, SCRIPTS, os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
+
+
+def torchrun_two(*program: str, env: dict[str, str] | None = None, timeout: int = 600) -> None:
+    """``torchrun --nproc_per_node 2 --master_port PORT *program``: a script and its arguments, or ``-m module``."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), *program]
+    proc = subprocess.run(cmd, env=env or worker_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+
+
+def run_two_ranks(script: str, *args: str, env: dict[str, str] | None = None) -> None:
+    """A worker of tests/scripts on 2 ranks."""
+    torchrun_two(os.path.join(SCRIPTS, script), *args, env=env)
