@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from muonq_hf.memory import expected_state_bytes, state_bytes
-from muonq_hf.optimizer import ADAMW_DEFAULTS, COMMON_DEFAULTS, MUON_DEFAULTS
+from muonq_hf.options import DEFAULTS
 
 from .models import build_model
 from .variants import MAIN_ROWS, Variant, make_optimizer, muon_groups
@@ -39,7 +39,7 @@ def analytic_bytes(model: nn.Module, variant: Variant) -> dict[str, int]:
     muon = adamw = 0
     for group in muon_groups(model, variant):
         for p in group["params"]:
-            options = {**COMMON_DEFAULTS, **MUON_DEFAULTS, **ADAMW_DEFAULTS, **group}  # the variant sets group keys
+            options = {**DEFAULTS, **group}  # the variant sets group keys
             if not group["use_muon"]:
                 adamw += expected_state_bytes(tuple(p.shape), options)
             elif variant.kind == "muon_bf16":

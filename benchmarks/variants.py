@@ -1,7 +1,7 @@
 """The optimizer rows of every benchmark: one name -> how to build that optimizer for a model.
 
 MuonQ-family rows are MuonQ with different per-group options (see ``MUON_DEFAULTS``/``ADAMW_DEFAULTS`` in
-``muonq_hf/optimizer.py``); the baselines are torch AdamW, bitsandbytes AdamW8bit and a bf16-buffer Muon.
+``muonq_hf/options.py``); the baselines are torch AdamW, bitsandbytes AdamW8bit and a bf16-buffer Muon.
 """
 
 from __future__ import annotations

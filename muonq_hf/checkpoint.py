@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .codecs import dequantize_dynamic8, dynamic_codebook, packed_width, quantize_dynamic8
+from .codecs import DynamicCodebook, dequantize_dynamic8, dynamic_codebook, packed_width, quantize_dynamic8
 from .lowrank import power_iteration_split, rank_for
 from .matrices import MatrixPlan, batch_key, plan_of
 from .momentum import (
@@ -40,6 +40,11 @@ F32, U8 = torch.float32, torch.uint8
 
 class CheckpointError(ValueError):
     """A checkpoint that does not fit this optimizer or is corrupt; nothing was changed."""
+
+
+def moment_codebook(key: str, device: torch.device | str) -> DynamicCodebook:
+    """The dynamic map of an AdamW moment: m (``exp_avg``) is signed, v (``exp_avg_sq``) is not."""
+    return dynamic_codebook(signed=key == "exp_avg", device=device)
 
 
 def adamw_quantized(shape: tuple[int, ...], group: dict) -> bool:
@@ -204,7 +209,7 @@ def convert_state(p: torch.Tensor, state: dict, saved: dict, group: dict, index:
             return state
         out = {"step": state["step"]}
         for key in ("exp_avg", "exp_avg_sq"):
-            book = dynamic_codebook(signed=key == "exp_avg", device=p.device)  # m is signed, v is not
+            book = moment_codebook(key, p.device)
             if was:
                 out[key] = dequantize_dynamic8(state[f"{key}_codes"], state[f"{key}_absmax"], book).view(shape)
             else:

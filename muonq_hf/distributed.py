@@ -135,6 +135,22 @@ def _local_rows(value: torch.Tensor, start: int, count: int, m: int) -> torch.Te
     return value[start : start + count] if value.size(0) == m else value
 
 
+@contextmanager
+def _local_state(
+    state: dict, p: torch.Tensor, start: int, count: int, sharded: Callable[[str, torch.Tensor], bool]
+) -> Iterator[dict]:
+    """This rank's view of ``state``: the entries sharded like ``p`` (``sharded(key, value)``) as its rows
+    [start, start + count); on exit every such entry, new ones included, goes back as a DTensor like ``p``."""
+    local = {k: _local_rows(v, start, count, p.shape[0]) if sharded(k, v) else v for k, v in state.items()}
+    yield local
+    for key, value in local.items():
+        state[key] = _wrap_rows(value, p) if sharded(key, value) else value
+
+
+def _not_a_scalar(key: str, value: torch.Tensor) -> bool:
+    return value.ndim > 0  # every entry but the step count
+
+
 # ------------------------------------------------------------------------------------------ FSDP2
 @dataclass
 class _Pending:
@@ -178,13 +194,10 @@ class FSDPEngine:
     @staticmethod
     def _adamw(opt: MuonQ, p: torch.Tensor, group: dict) -> None:
         """AdamW is elementwise: run it on the local shard; every state tensor but the step count is row-sharded."""
-        state = opt.state[p]
         start, count = row_ranges(p.shape[0], p.device_mesh.size())[p.device_mesh.get_local_rank()]
-        local = {k: _local_rows(v, start, count, p.shape[0]) if v.ndim else v for k, v in state.items()}
         quantized = adamw_quantized(tuple(p.shape), group)  # the global shape decides, as in one process
-        opt._adamw_step(p.to_local(), group, grad=p.grad.to_local(), state=local, quantized=quantized)
-        for key, value in local.items():
-            state[key] = _wrap_rows(value, p) if value.ndim else value
+        with _local_state(opt.state[p], p, start, count, _not_a_scalar) as local:
+            opt._adamw_step(p.to_local(), group, grad=p.grad.to_local(), state=local, quantized=quantized)
 
     @staticmethod
     def _experts(opt: MuonQ, p: torch.Tensor, group: dict, index: int, plan: MatrixPlan) -> None:
@@ -197,37 +210,31 @@ class FSDPEngine:
             )
         mesh = p.device_mesh
         first, count = row_ranges(p.shape[0], mesh.size())[mesh.get_local_rank()]
-        state = opt.state[p]
-        local = {k: _local_rows(v, first, count, p.shape[0]) if v.ndim else v for k, v in state.items()}
         G = plan.view(p.grad.to_local().float())  # (count, m, n): this rank's experts
-        X = momentum_step(plan, G, local, group, index, experts=(first, p.shape[0]))
+        with _local_state(opt.state[p], p, first, count, _not_a_scalar) as local:
+            X = momentum_step(plan, G, local, group, index, experts=(first, p.shape[0]))
         update = orthogonalized_update(plan, X, group["ns_steps"])
         apply_update(p.to_local(), update, group["lr"], group["weight_decay"])  # the local shard shares p's storage
-        for key, value in local.items():
-            state[key] = _wrap_rows(value, p) if value.ndim else value
 
     @staticmethod
     def _momentum(opt: MuonQ, p: torch.Tensor, group: dict, index: int, plan: MatrixPlan) -> _Pending:
         mesh = p.device_mesh
         pg, world = mesh.get_group(), mesh.size()
         start, count = row_ranges(plan.m, world)[mesh.get_local_rank()]
-        block = group["block_size"]
-        state = opt.state[p]
-        local = {k: _local_rows(v, start, count, plan.m) if is_row_key(k, block) else v for k, v in state.items()}
+        row_entry = lambda key, value: is_row_key(key, group["block_size"])  # noqa: E731
         G = p.grad.to_local().float().reshape(1, count, plan.n)  # (1, count, n): this rank's rows
-        X = momentum_step(
-            plan,
-            G,
-            local,
-            group,
-            index,
-            start,
-            count,
-            row_sum=_all_reduce(dist.ReduceOp.SUM, pg),
-            row_max=_all_reduce(dist.ReduceOp.MAX, pg),
-        )  # (1, count, n); NS is deferred: it runs once, on the owner rank of this matrix
-        for key, value in local.items():
-            state[key] = _wrap_rows(value, p) if is_row_key(key, block) else value
+        with _local_state(opt.state[p], p, start, count, row_entry) as local:
+            X = momentum_step(
+                plan,
+                G,
+                local,
+                group,
+                index,
+                start,
+                count,
+                row_sum=_all_reduce(dist.ReduceOp.SUM, pg),
+                row_max=_all_reduce(dist.ReduceOp.MAX, pg),
+            )  # (1, count, n); NS is deferred: it runs once, on the owner rank of this matrix
         return _Pending(p, group, plan, count, -(-plan.m // world), X[0].to(ns_dtype_for(p.device)))
 
     @staticmethod

@@ -57,4 +57,4 @@ def expected_state_bytes(shape: tuple[int, ...], group: dict) -> int:
     Counted from the state schema (``muonq_hf.checkpoint.state_schema``) without running a step; equal to
     ``state_bytes`` of a stepped optimizer (tested), so the routing report can show it for any model.
     """
-    return sum(math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in state_schema(shape, group).values())
+    return sum(math.prod(s) * d.itemsize for s, d in state_schema(shape, group).values())

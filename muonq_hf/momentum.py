@@ -211,16 +211,14 @@ def store_batch(
     state: dict, plan: MatrixPlan, group: dict, b: int, pieces: dict, start: int = 0, count: int | None = None
 ) -> None:
     """Write batch b's pieces back into the parameter's state (row entries are created on first use)."""
-    experts = None
     for key, value in pieces.items():
         if is_row_key(key, group["block_size"]):
-            experts = value.size(0) // len(plan.batches[b])
-            local_rows = plan.m if count is None else count
+            widths = row_widths(plan, group, key)
             if key not in state:
-                width = plan.row_width(row_widths(plan, group, key))
-                shape = (experts, local_rows, width) if plan.stacked else (local_rows, width)
-                state[key] = value.new_full(shape, _fill(key, group))
-            plan.put_rows(_lead(state[key], plan), b, row_widths(plan, group, key), value, start, count)
+                rows = (plan.m if count is None else count, plan.row_width(widths))  # local rows, W
+                experts = value.size(0) // len(plan.batches[b])
+                state[key] = value.new_full((experts, *rows) if plan.stacked else rows, _fill(key, group))
+            plan.put_rows(_lead(state[key], plan), b, widths, value, start, count)
         else:
             stored = value.unflatten(0, (-1, len(plan.batches[b])))  # (E, c, ...)
             state[batch_key(key, b)] = stored.contiguous() if plan.stacked else stored[0].contiguous()

@@ -10,24 +10,24 @@ from typing import Any
 
 import torch
 
-from .checkpoint import (  # noqa: F401 - ADAMW_8BIT_MIN_NUMEL is re-exported (benchmarks and tests use it here)
+from .checkpoint import (
     ADAMW_8BIT_BLOCK,
-    ADAMW_8BIT_MIN_NUMEL,
     ADAMW_STORAGE,
     MUON_STORAGE,
     CheckpointError,
     adamw_quantized,
     check_state_dict,
     convert_state,
+    moment_codebook,
     storage_changes,
 )
-from .codecs import DynamicCodebook, dequantize_dynamic8, dynamic_codebook, quantize_dynamic8
+from .codecs import dequantize_dynamic8, quantize_dynamic8
 from .matrices import plan_of
 from .momentum import apply_update, momentum_step, orthogonalized_update
-from .options import ADAMW_DEFAULTS, COMMON_DEFAULTS, MUON_DEFAULTS, validate_group
+from .options import DEFAULTS, validate_group
 
 logger = logging.getLogger("transformers.muonq_hf")  # follows the Trainer's --log_level, like its own lines
-GROUP_KEYS = frozenset(MUON_DEFAULTS) | frozenset(ADAMW_DEFAULTS) | frozenset(COMMON_DEFAULTS) | {"params"}
+GROUP_KEYS = frozenset(DEFAULTS) | {"params"}
 # Keys that callers (HF Trainer, Accelerate, schedulers, param_groups) may add to a group; carried, not used.
 PASSTHROUGH_KEYS = frozenset({"name", "names", "initial_lr", "param_names", "kind"})
 
@@ -44,8 +44,8 @@ class MuonQ(torch.optim.Optimizer):
     AdamW groups: torch's AdamW (decoupled weight decay, bias correction), with fp32 or blockwise 8-bit
     moments (``adamw_bits``).
 
-    Every option is a per-group key (see ``MUON_DEFAULTS``/``ADAMW_DEFAULTS``); constructor arguments set
-    the defaults. Choices where the paper is silent:
+    Every option is a per-group key (``muonq_hf.options.DEFAULTS``, checked by ``options.RULES``); constructor
+    arguments set the defaults. Choices where the paper is silent:
       * rank_divisor leaving r = 0 for a matrix (min(m, n) < rank_divisor): that matrix gets no split.
       * non-finite gradients: ``nonfinite="error"`` (default) raises FloatingPointError before any state or
         weight is touched; ``nonfinite="skip"`` skips the whole step (counted in ``skipped_steps``).
@@ -76,7 +76,7 @@ class MuonQ(torch.optim.Optimizer):
             raise ValueError(f"nonfinite must be 'error' or 'skip', got {nonfinite!r}")
         if not isinstance(ddp_shard_state, bool):
             raise ValueError(f"MuonQ: ddp_shard_state={ddp_shard_state!r} is not allowed; it must be True or False")
-        defaults = {**COMMON_DEFAULTS, **MUON_DEFAULTS, **ADAMW_DEFAULTS, **options, "lr": lr}
+        defaults = {**DEFAULTS, **options, "lr": lr}
         self.nonfinite = nonfinite
         self.skipped_steps = 0
         self.ddp_shard_state = ddp_shard_state  # ZeRO-1 by whole tensors under DDP (muonq_hf.distributed)
@@ -200,8 +200,9 @@ class MuonQ(torch.optim.Optimizer):
             state["step"] = torch.tensor(0.0)
             if quantized:
                 for k in keys:
+                    zeros = torch.zeros_like(grad).reshape(p.shape[0], -1)
                     state[f"{k}_codes"], state[f"{k}_absmax"] = quantize_dynamic8(
-                        torch.zeros_like(grad).reshape(p.shape[0], -1), _codebook(k, grad.device), ADAMW_8BIT_BLOCK
+                        zeros, moment_codebook(k, grad.device), ADAMW_8BIT_BLOCK
                     )
             else:
                 state["exp_avg"] = torch.zeros_like(grad)
@@ -211,7 +212,8 @@ class MuonQ(torch.optim.Optimizer):
         step = state["step"].item()
         if quantized:
             exp_avg, exp_avg_sq = (
-                dequantize_dynamic8(state[f"{k}_codes"], state[f"{k}_absmax"], _codebook(k, grad.device)).view(p.shape)
+                dequantize_dynamic8(state[f"{k}_codes"], state[f"{k}_absmax"], moment_codebook(k, grad.device))
+                .view(p.shape)
                 for k in keys
             )
         else:
@@ -221,7 +223,7 @@ class MuonQ(torch.optim.Optimizer):
         if quantized:
             for k, value in zip(keys, (exp_avg, exp_avg_sq), strict=True):
                 state[f"{k}_codes"], state[f"{k}_absmax"] = quantize_dynamic8(
-                    value.reshape(p.shape[0], -1), _codebook(k, grad.device), ADAMW_8BIT_BLOCK
+                    value.reshape(p.shape[0], -1), moment_codebook(k, grad.device), ADAMW_8BIT_BLOCK
                 )
         bias1, bias2 = 1 - beta1**step, 1 - beta2**step
         denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(group["eps"])
@@ -290,18 +292,21 @@ class MuonQ(torch.optim.Optimizer):
             changes = storage_changes({**self.defaults, **saved}, group)
             if not changes:
                 continue
-            sharded = self.ddp_shard_state or any(
-                hasattr(v, "to_local") for i in saved["params"] for v in state_dict["state"].get(i, {}).values()
+            option, (was, now_value) = next(iter(changes.items()))
+            self._refuse_sharded_conversion(
+                [state_dict["state"].get(i, {}) for i in saved["params"]],
+                f"MuonQ.load_state_dict: {option} is {was!r} in the checkpoint and {now_value!r} now",
+                f"resume with {option}={was!r}, or convert the checkpoint in one process",
             )
-            if sharded:
-                option = next(iter(changes))
-                raise CheckpointError(
-                    f"MuonQ.load_state_dict: {option} is {changes[option][0]!r} in the checkpoint and "
-                    f"{changes[option][1]!r} now; converting a sharded (FSDP2 / ddp_shard_state) state is not "
-                    f"supported: resume with {option}={changes[option][0]!r}, or convert the checkpoint in one process"
-                )
             out[g] = changes
         return out
+
+    def _refuse_sharded_conversion(self, states: list[dict], what: str, advice: str) -> None:
+        """Conversions re-encode whole matrices: a sharded (FSDP2 DTensor / ddp_shard_state) state is refused."""
+        if self.ddp_shard_state or any(hasattr(v, "to_local") for state in states for v in state.values()):
+            raise CheckpointError(
+                f"{what}; converting a sharded (FSDP2 / ddp_shard_state) state is not supported: {advice}"
+            )
 
     def _convert(self, changes: dict[int, dict[str, tuple[Any, Any]]], saved: list[dict], why: str) -> None:
         """Re-encode the state of the changed groups from their ``saved`` options to the ones they hold now."""
@@ -334,23 +339,15 @@ class MuonQ(torch.optim.Optimizer):
                 changes[g] = diff
         if not changes:
             return None
-        sharded = self.ddp_shard_state or any(
-            hasattr(v, "to_local") for g in changes for p in self.param_groups[g]["params"]
-            for v in self.state.get(p, {}).values()
+        g, diff = next(iter(changes.items()))
+        option, (was, now) = next(iter(diff.items()))
+        self._refuse_sharded_conversion(
+            [self.state.get(p, {}) for g in changes for p in self.param_groups[g]["params"]],
+            f"MuonQ: {option} of param group {g} changed from {was!r} to {now!r} after the state was written",
+            "keep the option",
         )
-        if sharded:
-            g, diff = next(iter(changes.items()))
-            option, (was, now) = next(iter(diff.items()))
-            raise CheckpointError(
-                f"MuonQ: {option} of param group {g} changed from {was!r} to {now!r} after the state was written; "
-                "converting a sharded (FSDP2 / ddp_shard_state) state is not supported: keep the option"
-            )
         self._convert(changes, stored, "storage options changed in param_groups")
         return None
-
-
-def _codebook(key: str, device: torch.device) -> DynamicCodebook:
-    return dynamic_codebook(signed=key == "exp_avg", device=device)  # m is signed, v is not
 
 
 def muon_update(grad: torch.Tensor, state: dict, group: dict, index: int) -> torch.Tensor:

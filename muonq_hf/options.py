@@ -44,6 +44,8 @@ COMMON_DEFAULTS: dict[str, Any] = dict(
     seed=0,  # seeds the first-step Gaussian of the power iteration and stochastic rounding
 )
 
+DEFAULTS: dict[str, Any] = {**COMMON_DEFAULTS, **MUON_DEFAULTS, **ADAMW_DEFAULTS}  # every option's default
+
 
 # ------------------------------------------------------------------------------------------ validation
 def _is_real(v: Any) -> bool:
@@ -111,7 +113,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "adamw_bits": (_one_of(8, 32), "8 or 32"),
     "adamw_lr": (lambda v: v is None or _finite_at_least(0)(v), "None or a finite number >= 0"),
 }
-assert set(RULES) == set(MUON_DEFAULTS) | set(ADAMW_DEFAULTS) | set(COMMON_DEFAULTS), "every option needs a rule"
+assert set(RULES) == set(DEFAULTS), "every option needs a rule"
 
 
 def option_error(name: str, value: Any, allowed: str) -> ValueError:

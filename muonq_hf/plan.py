@@ -20,14 +20,13 @@ from torch import nn
 from .grouping import Route, route
 from .matrices import plan_of
 from .memory import expected_state_bytes
-from .optimizer import ADAMW_DEFAULTS, COMMON_DEFAULTS, MUON_DEFAULTS
-from .options import parse_optim_args
+from .options import DEFAULTS, parse_optim_args
 
 MiB = 2**20
 
 
 def _group_of(r: Route, options: dict) -> dict:
-    return {**COMMON_DEFAULTS, **MUON_DEFAULTS, **ADAMW_DEFAULTS, **options, "use_muon": r.muon, **r.plan}
+    return {**DEFAULTS, **options, "use_muon": r.muon, **r.plan}
 
 
 def describe_plan(r: Route, options: dict | None = None) -> str:

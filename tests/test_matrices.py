@@ -10,7 +10,7 @@ from muonq_hf import MuonQ, state_bytes
 from muonq_hf.matrices import MatrixPlan, plan_of
 from muonq_hf.memory import expected_state_bytes
 from muonq_hf.momentum import dequantized_momentum
-from muonq_hf.optimizer import ADAMW_DEFAULTS, COMMON_DEFAULTS, MUON_DEFAULTS
+from muonq_hf.options import DEFAULTS
 from muonq_hf.orthogonalize import muon_scale
 
 # (parameter shape, plan keys): the layouts of transformers' models
@@ -26,7 +26,7 @@ LAYOUTS = {
 
 
 def full_group(**keys) -> dict:
-    return {**COMMON_DEFAULTS, **MUON_DEFAULTS, **ADAMW_DEFAULTS, "use_muon": True, **keys}
+    return {**DEFAULTS, "use_muon": True, **keys}
 
 
 def known_spectrum(rows: int, cols: int, generator: torch.Generator, condition: float = 100.0) -> torch.Tensor:
