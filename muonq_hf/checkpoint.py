@@ -1,8 +1,6 @@
-"""What a loaded MuonQ state must look like, the checks run before anything changes, and the conversion of a
-state saved with other storage options (README, "Options and resume"; layout: docs/design.md).
+"""The checks run on a loaded MuonQ state before anything changes, and the conversion of a state saved with
+other storage options (README, "Options and resume"; layout: docs/design.md, ``muonq_hf.state``).
 
-``state_schema(shape, group)`` lists every state entry of one parameter (key -> shape, dtype), derived from the
-matrix plan and the options, as the step writes them; ``muonq_hf.memory.expected_state_bytes`` counts it.
 ``check_state_dict`` compares a checkpoint against it (keys, shapes, dtypes, finite values, non-negative
 second moments and scales, valid saved options) and raises ``CheckpointError`` naming the parameter and the
 entry. ``convert_state`` re-encodes one parameter's state from the saved options to the current ones.
@@ -10,87 +8,34 @@ entry. ``convert_state`` re-encodes one parameter's state from the saved options
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
-from .codecs import DynamicCodebook, dequantize_dynamic8, dynamic_codebook, packed_width, quantize_dynamic8
-from .lowrank import power_iteration_split, rank_for
-from .matrices import MatrixPlan, batch_key, plan_of
-from .momentum import (
-    dequantized_momentum,
-    frobenius,
-    generator,
-    row_widths,
-    scale_dtype,
-    store_batch,
-    store_momentum,
-)
+from .codecs import dequantize_dynamic8, quantize_dynamic8
+from .lowrank import power_iteration_split
+from .matrices import MatrixPlan, plan_of
+from .momentum import frobenius
 from .options import validate_group
+from .state import (
+    ADAMW_8BIT_BLOCK,
+    ADAMW_MOMENTS,
+    U8,
+    QuantizedMomentum,
+    adamw_quantized,
+    generator,
+    moment_codebook,
+    state_schema,
+)
 
 # Options that decide how the state is stored (a change converts the state); the others are hyperparameters
 MUON_STORAGE = ("bits", "rank_divisor", "mu", "block_size", "normalize", "store_norm", "qkv_split", "split_dim",
                 "piece_sizes", "interleave", "experts")
 ADAMW_STORAGE = ("adamw_bits",)
-ADAMW_8BIT_MIN_NUMEL = 4096  # like bitsandbytes' min_8bit_size: tiny tensors keep fp32 moments
-ADAMW_8BIT_BLOCK = 256
-F32, U8 = torch.float32, torch.uint8
 
 
 class CheckpointError(ValueError):
     """A checkpoint that does not fit this optimizer or is corrupt; nothing was changed."""
-
-
-def moment_codebook(key: str, device: torch.device | str) -> DynamicCodebook:
-    """The dynamic map of an AdamW moment: m (``exp_avg``) is signed, v (``exp_avg_sq``) is not."""
-    return dynamic_codebook(signed=key == "exp_avg", device=device)
-
-
-def adamw_quantized(shape: tuple[int, ...], group: dict) -> bool:
-    """The one rule for 8-bit AdamW moments: adamw_bits=8 and a matrix of >= 4096 elements."""
-    return group["adamw_bits"] == 8 and len(shape) >= 2 and math.prod(shape) >= ADAMW_8BIT_MIN_NUMEL
-
-
-def state_schema(shape: tuple[int, ...], group: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Every state entry of a parameter of ``shape`` in ``group`` (all options set) after a step."""
-    out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"step": ((), F32)}
-    if not group["use_muon"]:
-        if adamw_quantized(shape, group):
-            rows, cols = shape[0], math.prod(shape) // shape[0]
-            for key in ("exp_avg", "exp_avg_sq"):
-                out[f"{key}_codes"] = ((rows, cols), U8)
-                out[f"{key}_absmax"] = ((rows, -(-cols // ADAMW_8BIT_BLOCK)), F32)
-        else:
-            out["exp_avg"] = out["exp_avg_sq"] = (tuple(shape), F32)
-        return out
-    plan = plan_of(torch.empty(shape, device="meta"), group)
-    lead = (plan.experts,) if plan.stacked else ()
-    bits, S = group["bits"], scale_dtype(group)
-    row_keys = ("res", "P") if bits == 32 else ("res_codes", "P_codes")
-    if bits != 32 and group["block_size"] is not None:
-        row_keys += ("res_scale",)
-    for key in row_keys:
-        widths = row_widths(plan, group, key)
-        if any(widths):
-            out[key] = ((*lead, plan.m, plan.row_width(widths)), F32 if bits == 32 else (S if "scale" in key else U8))
-    for b, pieces in enumerate(plan.batches):
-        rows, cols = plan.batch_shape(b)
-        r, c = rank_for(rows, cols, group["rank_divisor"]), (*lead, len(pieces))
-        entries: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        if bits == 32:
-            if r:
-                entries["R"] = ((*c, cols, r), F32)
-        else:
-            if group["block_size"] is None:
-                entries["res_scale"] = (c, S)
-            if r:
-                entries.update(P_scale=((*c, r), S), R_codes=((*c, cols, packed_width(r, bits)), U8),
-                               R_scale=((*c, r), S))
-        if group["store_norm"] and group["normalize"]:
-            entries["norm"] = (c, F32)
-        out.update({batch_key(k, b): v for k, v in entries.items()})
-    return out
 
 
 # ------------------------------------------------------------------------------------------- checks
@@ -181,21 +126,20 @@ def storage_changes(saved: dict, group: dict) -> dict[str, tuple[Any, Any]]:
 def encode_momentum(M: torch.Tensor, state: dict, plan: MatrixPlan, group: dict, index: int) -> None:
     """Store the momentum M (E, m, n) in ``state`` as the step would with ``group``'s options; the split's warm
     start is the keyed first-step Gaussian, so every rank and every resume encodes the same bits."""
+    momentum = QuantizedMomentum(plan, group)
     for b in range(len(plan.batches)):
-        rows, cols = plan.batch_shape(b)
         X = plan.take(M, b)  # (E * c, rows, cols)
         norm = frobenius(X, lambda t: t) if group["normalize"] else None
         X_bar = X / (norm + 1e-7) if group["normalize"] else X
-        r = rank_for(rows, cols, group["rank_divisor"])
-        key = (index,) if b == 0 else (index, b)
+        r, key = momentum.rank(b), ((index,) if b == 0 else (index, b))
         P = R = None
         res = X_bar
         if r:
-            R0 = torch.randn((X.size(0), cols, r), generator=generator(group["seed"], *key), dtype=torch.float32)
+            R0 = torch.randn((X.size(0), X.size(-1), r), generator=generator(group["seed"], *key), dtype=torch.float32)
             P, R, res = power_iteration_split(X_bar, R0.to(X.device))
-        encoded: dict = {}
-        store_momentum(encoded, group, res, P, R, norm, (*key, 0), lambda t: t)
-        store_batch(state, plan, group, b, encoded)
+        pieces: dict = {}
+        momentum.encode(pieces, res, P, R, norm, (*key, 0))
+        momentum.store(state, b, pieces)
 
 
 def convert_state(p: torch.Tensor, state: dict, saved: dict, group: dict, index: int) -> dict:
@@ -208,7 +152,7 @@ def convert_state(p: torch.Tensor, state: dict, saved: dict, group: dict, index:
         if was == now:
             return state
         out = {"step": state["step"]}
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key in ADAMW_MOMENTS:
             book = moment_codebook(key, p.device)
             if was:
                 out[key] = dequantize_dynamic8(state[f"{key}_codes"], state[f"{key}_absmax"], book).view(shape)
@@ -216,7 +160,7 @@ def convert_state(p: torch.Tensor, state: dict, saved: dict, group: dict, index:
                 value = state[key].reshape(shape[0], -1).float()
                 out[f"{key}_codes"], out[f"{key}_absmax"] = quantize_dynamic8(value, book, ADAMW_8BIT_BLOCK)
         return out
-    M = dequantized_momentum(plan_of(p, saved), state, saved)  # (E, m, n) in the saved plan's view
+    M = QuantizedMomentum(plan_of(p, saved), saved).dequantized(state)  # (E, m, n) in the saved plan's view
     new_plan = plan_of(p, group)
     out = {"step": state["step"]}
     encode_momentum(new_plan.view(M.reshape(p.shape)), out, new_plan, group, index)

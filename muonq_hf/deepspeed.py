@@ -4,12 +4,13 @@ Under ZeRO 1/2 DeepSpeed replaces every param group's ``params`` by one flat 1-D
 calls the client optimizer's ``step()`` once per group, on the reduced, unscaled and clipped gradient of that
 partition. A Muon matrix may straddle partitions. ``DeepSpeedMuonQ`` keeps the matrix structure this way:
 
-1. Each Muon matrix has an owner rank (round robin over the matrices). The owner receives the matrix's whole
-   reduced gradient: every rank writes the elements of its partition into a zero buffer at the matrix's
-   offsets and the buffers are summed onto the owner (``dist.reduce``; exactly one rank holds each element, so
-   the sum is exact).
-2. The owner runs the pure ``muonq_update`` on it: the packed 4-bit momentum of that matrix lives only on its
-   owner, so MuonQ's state is partitioned across ranks by whole matrices; NS5 runs once per matrix in the world.
+1. Each Muon matrix has an owner rank (``backends.common.assign_owners``, balanced by state bytes). The owner
+   receives the matrix's whole reduced gradient: every rank writes the elements of its partition into a zero
+   buffer at the matrix's offsets and the buffers are summed onto the owner (``dist.reduce``; exactly one rank
+   holds each element, so the sum is exact).
+2. The owner runs the momentum and orthogonalize stages on it (``whole_muon_update``): the packed 4-bit
+   momentum of that matrix lives only on its owner (under ``m{i}.`` keys of its flat partition's state), so
+   MuonQ's state is partitioned across ranks by whole matrices; NS5 runs once per matrix in the world.
 3. The owner broadcasts the orthogonalized update; each rank applies the elementwise part (decoupled weight
    decay, ``- lr * 0.2 sqrt(max(m, n)) * U``) to its own fp32 master fragment.
 
@@ -44,11 +45,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .adamw import adamw_step
+from .backends.common import all_finite, assign_owners, global_rank, state_cost, whole_muon_update
+from .checkpoint import CheckpointError
 from .momentum import apply_update
-from .optimizer import MuonQ, muon_update
+from .optimizer import MuonQ
+from .state import owned_indices, owned_state, store_owned_state
 
 SUPPORTED_STAGES = (1, 2)
-_STATE_PREFIX = "m"  # Muon state of the matrix with index i is stored under "m{i}.{key}" in the flat state
 
 
 class DeepSpeedConfigError(ValueError):
@@ -182,8 +186,28 @@ class DeepSpeedMuonQ(MuonQ):
                     f"now it is {world}: MuonQ's packed momentum is owned per matrix by one rank, so resume with "
                     f"{int(saved)} ranks"
                 )
+        self._check_owners(state_dict)
         super().load_state_dict(state_dict)
         self._refresh_group_ids()  # torch's loader builds new group dicts
+
+    def _check_owners(self, state_dict: dict) -> None:
+        """Under ZeRO each rank's flat state holds the Muon states of the matrices it owns: refuse a state whose
+        matrices another rank owns now (another owner assignment), which would silently restart their momentum."""
+        if not self._under_zero():
+            return
+        for g, (saved, group) in enumerate(zip(state_dict.get("param_groups", []), self.param_groups, strict=False)):
+            index = self._group_ids.get(id(group))
+            flat_state = state_dict["state"].get(saved["params"][0], {}) if saved.get("params") else {}
+            if index is None or not group["use_muon"] or not flat_state:
+                continue
+            mine = {i for i, _, r in self._owned(index, group) if r == self._rank(index)}
+            foreign = owned_indices(flat_state) - mine
+            if foreign:
+                raise CheckpointError(
+                    f"DeepSpeedMuonQ.load_state_dict: param group {g} of this rank's checkpoint holds the Muon state "
+                    f"of matrices {sorted(foreign)}, which another rank owns now (this rank owns {sorted(mine)}): "
+                    "the checkpoint was written with another owner assignment; nothing was changed"
+                )
 
     # ------------------------------------------------------------------------------------------- step
     @torch.no_grad()
@@ -228,7 +252,7 @@ class DeepSpeedMuonQ(MuonQ):
         if flat.grad is None:
             return
         params = self._lp_params(index)
-        if not self._grad_finite(flat.grad, params):
+        if not all_finite([flat.grad], _dp_group(params), agree=True):  # every rank takes the same branch
             if self.nonfinite == "error":
                 raise FloatingPointError(
                     "MuonQ: non-finite gradient (inf or nan) found before the step of a param group; this group was "
@@ -238,23 +262,29 @@ class DeepSpeedMuonQ(MuonQ):
             return
         if group["use_muon"]:
             self._zero_muon_step(flat, group, index, params)
-        else:
-            self._adamw_step(flat, group)  # elementwise: the flat partition is as good as the parameters
+        else:  # elementwise: the flat partition is as good as the parameters (adamw_bits=8 is refused)
+            adamw_step(flat, flat.grad, self.state[flat], group, quantized=False)
         self.state[flat]["zero_world_size"] = dist.get_world_size(_dp_group(params))
 
-    @staticmethod
-    def _grad_finite(grad: torch.Tensor, params: list[torch.Tensor]) -> bool:
-        bad = torch.tensor([0.0 if bool(torch.isfinite(grad).all()) else 1.0])
-        dist.all_reduce(bad, group=_dp_group(params))  # every rank takes the same branch
-        return bad.item() == 0
+    def _rank(self, index: int) -> int:
+        return dist.get_rank(_dp_group(self._lp_params(index)))
+
+    def _owned(self, index: int, group: dict) -> list[tuple[int, torch.Tensor, int]]:
+        """(matrix index, parameter, owner rank) of the trainable matrices of param group ``index``: the owners
+        balance state bytes (``assign_owners``), the same on every rank."""
+        params = self._lp_params(index)
+        world = dist.get_world_size(_dp_group(params))
+        matrices = [(self._index_base[index] + j, p) for j, p in enumerate(params) if p.requires_grad]
+        owners = assign_owners([state_cost(tuple(p.shape), group) for _, p in matrices], world)
+        return [(i, p, r) for (i, p), r in zip(matrices, owners, strict=True)]
 
     def _zero_muon_step(self, flat: torch.Tensor, group: dict, index: int, params: list[torch.Tensor]) -> None:
         pg = _dp_group(params)
         world, rank = dist.get_world_size(pg), dist.get_rank(pg)
-        matrices = [(self._index_base[index] + j, p) for j, p in enumerate(params) if p.requires_grad]
+        matrices = self._owned(index, group)
         state = self.state[flat]
         for owner in range(world):
-            owned = [(i, p) for i, p in matrices if i % world == owner]
+            owned = [(i, p) for i, p, r in matrices if r == owner]
             if not owned:
                 continue
             offsets = _offsets([p.numel() for _, p in owned])
@@ -262,15 +292,16 @@ class DeepSpeedMuonQ(MuonQ):
             for (_, p), start in zip(owned, offsets, strict=False):
                 for lp_slice, hp_slice in _fragment(p):
                     buf[start + lp_slice.start : start + lp_slice.stop] = flat.grad[hp_slice]
-            dist.reduce(buf, dst=_global_rank(pg, owner), group=pg)
+            dist.reduce(buf, dst=global_rank(pg, owner), group=pg)
             if rank == owner:  # buf now holds this owner's whole gradients; reuse it for the scaled updates
                 for (i, p), start in zip(owned, offsets, strict=False):
-                    mstate = _substate(state, i)
-                    update = muon_update(buf[start : start + p.numel()].view(p.shape), mstate, group, i)
-                    _store_substate(state, i, mstate)
+                    mstate = owned_state(state, i)
+                    grad = buf[start : start + p.numel()].view(p.shape)
+                    update = whole_muon_update(self.momentum_stage, grad, mstate, group, i)
+                    store_owned_state(state, i, mstate)
                     buf[start : start + p.numel()] = update.reshape(-1)
                     self.ns_calls += 1
-            dist.broadcast(buf, src=_global_rank(pg, owner), group=pg)
+            dist.broadcast(buf, src=global_rank(pg, owner), group=pg)
             for (_, p), start in zip(owned, offsets, strict=False):
                 for lp_slice, hp_slice in _fragment(p):
                     master = flat[hp_slice]  # view of this rank's fp32 master weights
@@ -296,23 +327,6 @@ def _fragment(p: torch.Tensor) -> list[tuple[slice, slice]]:
 
 def _dp_group(params: list[torch.Tensor]) -> Any:
     return getattr(params[0], "_dp_group", None) if params else None
-
-
-def _global_rank(group: Any, rank: int) -> int:
-    return rank if group is None else dist.get_global_rank(group, rank)
-
-
-def _substate(state: dict, index: int) -> dict:
-    prefix = f"{_STATE_PREFIX}{index}."
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def _store_substate(state: dict, index: int, sub: dict) -> None:
-    prefix = f"{_STATE_PREFIX}{index}."
-    for k in [k for k in state if k.startswith(prefix)]:
-        del state[k]
-    for k, v in sub.items():
-        state[prefix + k] = v
 
 
 def verify_engine(engine: Any) -> DeepSpeedMuonQ:

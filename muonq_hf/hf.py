@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from .backends import check_model
+from .deepspeed import trainer_optimizer_cls
 from .grouping import groups_from_routes, route
 from .optimizer import MuonQ
 from .options import OPTIM_ARGS_DEFAULTS, parse_optim_args
@@ -65,8 +67,6 @@ def optimizer_cls_and_kwargs(args: Any, model: torch.nn.Module | None) -> tuple[
     """
     if model is None:
         raise ValueError("--optim muonq needs the model to split its parameters into Muon and AdamW groups")
-    from .distributed import check_model
-
     check_model(model)  # refuses FSDP1, whose 1-D shard views would silently route every matrix to AdamW
     options = parse_optim_args(getattr(args, "optim_args", None))
     split_qkv = options.pop("split_qkv", True)
@@ -83,9 +83,7 @@ def optimizer_cls_and_kwargs(args: Any, model: torch.nn.Module | None) -> tuple[
     )
     logger.info(routing_summary(routes, {**hyper, **options}))
     kwargs = dict(params=groups_from_routes(routes, weight_decay=args.weight_decay), **hyper, **options)
-    from .deepspeed import trainer_optimizer_cls  # DeepSpeedMuonQ under --deepspeed; refuses unsupported configs
-
-    return trainer_optimizer_cls(args), kwargs
+    return trainer_optimizer_cls(args), kwargs  # DeepSpeedMuonQ under --deepspeed; refuses unsupported configs
 
 
 def muonq_handler(ctx: Any) -> tuple[type[MuonQ], dict[str, Any]]:

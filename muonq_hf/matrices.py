@@ -28,13 +28,6 @@ from functools import cached_property
 
 import torch
 
-# Keys of row entries; "res_scale" is one too when scales are blockwise (one per block of a row).
-ROW_KEYS = frozenset({"res_codes", "P_codes", "res", "P"})
-
-
-def is_row_key(key: str, block_size: int | None) -> bool:
-    return key in ROW_KEYS or (key == "res_scale" and block_size is not None)
-
 
 def batch_key(key: str, batch: int) -> str:
     """The state key of a batch entry of batch ``batch``."""

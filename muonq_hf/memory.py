@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .checkpoint import state_schema
+from .state import state_schema
 
 KINDS = ("codes", "scales", "factors", "moments", "other")
 
@@ -54,7 +54,7 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, int] | 
 def expected_state_bytes(shape: tuple[int, ...], group: dict) -> int:
     """Bytes MuonQ's state will hold for a parameter of ``shape`` in ``group`` (all options set), after a step.
 
-    Counted from the state schema (``muonq_hf.checkpoint.state_schema``) without running a step; equal to
+    Counted from the state schema (``muonq_hf.state.state_schema``) without running a step; equal to
     ``state_bytes`` of a stepped optimizer (tested), so the routing report can show it for any model.
     """
     return sum(math.prod(s) * d.itemsize for s, d in state_schema(shape, group).values())

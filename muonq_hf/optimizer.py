@@ -3,27 +3,24 @@
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 
+from .backends import Backend, Task, choose_backend, is_dtensor
 from .checkpoint import (
-    ADAMW_8BIT_BLOCK,
     ADAMW_STORAGE,
     MUON_STORAGE,
     CheckpointError,
-    adamw_quantized,
     check_state_dict,
     convert_state,
-    moment_codebook,
     storage_changes,
 )
-from .codecs import dequantize_dynamic8, quantize_dynamic8
-from .matrices import plan_of
-from .momentum import apply_update, momentum_step, orthogonalized_update
+from .matrices import MatrixPlan, plan_of
+from .momentum import momentum_step
 from .options import DEFAULTS, validate_group
 
 logger = logging.getLogger("transformers.muonq_hf")  # follows the Trainer's --log_level, like its own lines
@@ -52,9 +49,9 @@ class MuonQ(torch.optim.Optimizer):
       * the first-step Gaussian and stochastic rounding draw from generators keyed by (seed, parameter
         index, step), the index being the parameter's position in ``param_groups``: identical on every rank
         and after a resume.
-      * distributed (``muonq_hf.distributed``): DTensor (FSDP2) parameters get row-sharded state and one
-        Newton-Schulz per matrix in the world; ``ddp_shard_state=True`` shards the state across DDP ranks
-        (ZeRO-1), which makes ``state_dict()`` a collective call.
+      * distributed (``muonq_hf.backends``, chosen once per set of parameters): DTensor (FSDP2) parameters get
+        row-sharded state and one Newton-Schulz per matrix in the world; ``ddp_shard_state=True`` shards the
+        state across DDP ranks (ZeRO-1), which makes ``state_dict()`` a collective call.
     """
 
     def __init__(
@@ -79,7 +76,7 @@ class MuonQ(torch.optim.Optimizer):
         defaults = {**DEFAULTS, **options, "lr": lr}
         self.nonfinite = nonfinite
         self.skipped_steps = 0
-        self.ddp_shard_state = ddp_shard_state  # ZeRO-1 by whole tensors under DDP (muonq_hf.distributed)
+        self.ddp_shard_state = ddp_shard_state  # ZeRO-1 by whole tensors under DDP (backends.owner)
         params = list(params)
         routed = any(isinstance(g, dict) and "use_muon" in g for g in params)  # the caller chose the routing
         super().__init__(params, defaults)
@@ -123,7 +120,16 @@ class MuonQ(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._grads_finite():
+        backend, tasks = self._backend(), self._tasks()
+        # 1. one non-finite decision for every gradient, agreed by all ranks, before anything changes
+        grads = [t.param.grad for t in tasks if t.param.grad is not None]
+        sparse = [tuple(g.shape) for g in grads if g.is_sparse]
+        if sparse:
+            raise ValueError(
+                f"MuonQ does not support sparse gradients (parameters of shape {sparse[:3]}): build the embedding "
+                "with sparse=False; no state or weight was changed"
+            )
+        if not backend.all_finite(grads):
             if self.nonfinite == "error":
                 raise FloatingPointError(
                     "MuonQ: non-finite gradient (inf or nan) found before the step; no state or weight was "
@@ -131,120 +137,43 @@ class MuonQ(torch.optim.Optimizer):
                 )
             self.skipped_steps += 1
             return loss
+        # 2. a state written with other storage options is re-encoded first
         self._convert_if_options_changed()
-        from .distributed import engine_for  # FSDP2 DTensors or DDP state sharding; None in one process
-
-        engine = engine_for(self)
-        if engine is not None:
-            engine.step(self)
-            return loss
-        for index, group, p in self._indexed_params():
-            if p.grad is None:
-                continue
-            if group["use_muon"]:
-                self._muon_step(p, group, index)
-            else:
-                self._adamw_step(p, group)
+        # 3. momentum -> orthogonalize -> apply, each stage where the backend runs it
+        backend.step(tasks, self.state)
         return loss
 
-    def _indexed_params(self) -> Iterable[tuple[int, dict, torch.Tensor]]:
-        index = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                yield index, group, p
-                index += 1
+    def momentum_stage(self, plan: MatrixPlan, G: torch.Tensor, state: dict, group: dict, index: int, **rows: Any):
+        """The momentum stage every backend calls (``muonq_hf.momentum.momentum_step``); a subclass may replace it
+        (the benchmarks' bf16-momentum Muon does), and then every backend runs the replacement."""
+        return momentum_step(plan, G, state, group, index, **rows)
 
-    def _grads_finite(self) -> bool:
-        """All gradients finite; under FSDP2 and ``ddp_shard_state`` every rank takes the same decision (an
-        all-reduce), so a non-finite gradient on one rank raises or skips on all of them instead of deadlocking."""
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        sparse = [tuple(g.shape) for g in grads if g.is_sparse]
-        if sparse:
-            raise ValueError(
-                f"MuonQ does not support sparse gradients (parameters of shape {sparse[:3]}): build the embedding "
-                "with sparse=False; no state or weight was changed"
-            )
-        from .distributed import grads_finite, is_dtensor
+    def _tasks(self) -> list[Task]:
+        """Every parameter with its position in ``param_groups`` (which keys its generators) and its group."""
+        params = [(group, p) for group in self.param_groups for p in group["params"]]
+        return [Task(index, group, p) for index, (group, p) in enumerate(params)]
 
-        if any(is_dtensor(g) for g in grads) or self.ddp_shard_state:
-            return grads_finite(grads)  # local (shards), then agreed by all-reduce when a world is up
-        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
-
-    # ------------------------------------------------------------------------------------------- Muon
-    def _muon_step(self, p: torch.Tensor, group: dict, index: int) -> None:
-        if p.ndim < 2:  # add_param_group rejected 1-D tensors: something (DeepSpeed ZeRO) swapped the parameters
-            raise RuntimeError(
-                f"MuonQ: a use_muon parameter is now 1-D (shape {tuple(p.shape)}): DeepSpeed ZeRO hands its client "
-                "optimizer flat partitions, and Newton-Schulz on them would be wrong. Use "
-                "muonq_hf.deepspeed.DeepSpeedMuonQ (ZeRO stage 1 or 2), or train without DeepSpeed"
-            )
-        update = muon_update(p.grad, self.state[p], group, index)
-        apply_update(p, update, group["lr"], group["weight_decay"])
-
-    # ------------------------------------------------------------------------------------------ AdamW
-    def _adamw_step(
-        self,
-        p: torch.Tensor,
-        group: dict,
-        grad: torch.Tensor | None = None,
-        state: dict | None = None,
-        quantized: bool | None = None,
-    ) -> None:
-        """AdamW on p; the FSDP2 engine passes a local shard with its grad, state and the global ``quantized``."""
-        state = self.state[p] if state is None else state
-        if quantized is None:
-            quantized = adamw_quantized(tuple(p.shape), group)
-        grad = (p.grad if grad is None else grad).float()
-        keys = ("exp_avg", "exp_avg_sq")
-        if not state:
-            state["step"] = torch.tensor(0.0)
-            if quantized:
-                for k in keys:
-                    zeros = torch.zeros_like(grad).reshape(p.shape[0], -1)
-                    state[f"{k}_codes"], state[f"{k}_absmax"] = quantize_dynamic8(
-                        zeros, moment_codebook(k, grad.device), ADAMW_8BIT_BLOCK
-                    )
-            else:
-                state["exp_avg"] = torch.zeros_like(grad)
-                state["exp_avg_sq"] = torch.zeros_like(grad)
-        beta1, beta2 = group["betas"]
-        state["step"] += 1
-        step = state["step"].item()
-        if quantized:
-            exp_avg, exp_avg_sq = (
-                dequantize_dynamic8(state[f"{k}_codes"], state[f"{k}_absmax"], moment_codebook(k, grad.device))
-                .view(p.shape)
-                for k in keys
-            )
-        else:
-            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        if quantized:
-            for k, value in zip(keys, (exp_avg, exp_avg_sq), strict=True):
-                state[f"{k}_codes"], state[f"{k}_absmax"] = quantize_dynamic8(
-                    value.reshape(p.shape[0], -1), moment_codebook(k, grad.device), ADAMW_8BIT_BLOCK
-                )
-        bias1, bias2 = 1 - beta1**step, 1 - beta2**step
-        denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(group["eps"])
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        if p.dtype == torch.float32:
-            p.addcdiv_(exp_avg, denom, value=-group["lr"] / bias1)
-        else:  # the ratio in fp32: eps = 1e-8 is 0 in fp16, and 0 / 0 turned fp16 weights NaN
-            p.add_((exp_avg / denom).to(p.dtype), alpha=-group["lr"] / bias1)
+    def _backend(self) -> Backend:
+        """The backend, chosen once for these parameter objects: Accelerate and FSDP2 replace the parameters
+        after the optimizer is built, so a new set of parameter objects chooses again."""
+        key = tuple((id(p), is_dtensor(p)) for group in self.param_groups for p in group["params"])
+        cached = getattr(self, "_chosen", None)
+        if cached is None or cached[0] != key:
+            params = (p for group in self.param_groups for p in group["params"])
+            self._chosen = (key, choose_backend(params, self.ddp_shard_state, self.momentum_stage))
+        return self._chosen[1]
 
     # ------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """With ``ddp_shard_state`` this is collective (all ranks call it) and returns the full state everywhere."""
-        from .distributed import engine_for
-
-        engine = engine_for(self)
-        if hasattr(engine, "gathered"):
-            with engine.gathered(self):  # the returned dict keeps the full tensors; this rank keeps its part
-                out = super().state_dict()
-        else:
+        with self.full_state():  # the returned dict keeps the full tensors; this rank keeps its part
             out = super().state_dict()
         return {**out, "muonq": {"skipped_steps": self.skipped_steps}}
+
+    def full_state(self) -> AbstractContextManager[None]:
+        """A context in which ``self.state`` holds the whole state on every rank (collective under
+        ``ddp_shard_state``: every rank must enter it; elsewhere it changes nothing)."""
+        return self._backend().full_state(self._tasks(), self.state)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a MuonQ state: checked first (nothing changes on a refusal), then loaded, then converted.
@@ -275,11 +204,7 @@ class MuonQ(torch.optim.Optimizer):
         self._remember_storage()
         if changes:
             self._convert(changes, saved, "the checkpoint was saved with other storage options")
-        from .distributed import engine_for
-
-        engine = engine_for(self)
-        if hasattr(engine, "localize"):  # DDP state sharding: keep only this rank's part
-            engine.localize(self)
+        self._backend().keep_local(self._tasks(), self.state)  # DDP state sharding: keep only this rank's part
 
     def _checks_loaded_state(self) -> bool:
         """Whether ``load_state_dict`` checks entries against the schema (DeepSpeed's flat state is its own)."""
@@ -349,13 +274,3 @@ class MuonQ(torch.optim.Optimizer):
         self._convert(changes, stored, "storage options changed in param_groups")
         return None
 
-
-def muon_update(grad: torch.Tensor, state: dict, group: dict, index: int) -> torch.Tensor:
-    """The scaled Muon update of one whole parameter (momentum, then orthogonalize), shaped (E, m, n).
-
-    ``grad`` has the parameter's shape; ``state`` is its MuonQ state, updated in place. Single process, the
-    DDP owner of a matrix and the DeepSpeed owner all call this; FSDP2 splits it at the orthogonalization.
-    """
-    plan = plan_of(grad, group)
-    X = momentum_step(plan, plan.view(grad.float()), state, group, index)  # (E, m, n)
-    return orthogonalized_update(plan, X, group["ns_steps"])

@@ -145,7 +145,7 @@ def test_fsdp1_wrapped_model_refused_by_the_trainer_path():
 
 def test_fsdp1_refused():
     from muonq_hf import MuonQ
-    from muonq_hf.distributed import check_fsdp_plugin, check_parameter
+    from muonq_hf.backends import check_fsdp_plugin, check_parameter
 
     flat = torch.nn.Parameter(torch.zeros(10))
     flat._is_flat_param = True

@@ -9,9 +9,9 @@ from torch import nn
 from muonq_hf import MuonQ, state_bytes
 from muonq_hf.matrices import MatrixPlan, plan_of
 from muonq_hf.memory import expected_state_bytes
-from muonq_hf.momentum import dequantized_momentum
 from muonq_hf.options import DEFAULTS
 from muonq_hf.orthogonalize import muon_scale
+from muonq_hf.state import QuantizedMomentum
 
 # (parameter shape, plan keys): the layouts of transformers' models
 LAYOUTS = {
@@ -128,12 +128,12 @@ def test_per_expert_state_equals_separate_2d_parameters(layout):
     for i, (a, b) in enumerate(zip(merged, separate, strict=True)):
         diff = float((a - b.detach()).abs().max())
         assert diff <= 1e-6, f"{layout}: matrix {i} differs from its separate 2-D twin by {diff}"
-    momentum = dequantized_momentum(plan, opt.state[fused], opt.param_groups[0])
+    momentum = QuantizedMomentum(plan, opt.param_groups[0]).dequantized(opt.state[fused])
     pieces = [piece for b in range(len(plan.batches)) for piece in plan.take(momentum, b)]
     for i, (m, p) in enumerate(zip(pieces, separate, strict=True)):
         state = opt_sep.state[p]
         codes = state["res_codes"]
-        ref = dequantized_momentum(plan_of(p, opt_sep.param_groups[0]), state, opt_sep.param_groups[0])[0]
+        ref = QuantizedMomentum(plan_of(p, opt_sep.param_groups[0]), opt_sep.param_groups[0]).dequantized(state)[0]
         assert torch.equal(m, ref), f"{layout}: dequantized momentum of matrix {i} differs ({codes.shape})"
 
 

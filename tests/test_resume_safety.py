@@ -11,7 +11,7 @@ from torch import nn
 from muonq_hf import MuonQ, param_groups
 from muonq_hf.checkpoint import CheckpointError, encode_momentum
 from muonq_hf.matrices import plan_of
-from muonq_hf.momentum import dequantized_momentum
+from muonq_hf.state import QuantizedMomentum
 
 
 class Net(nn.Module):
@@ -119,7 +119,7 @@ def direct_reencode(opt_saved, opt_now, p_saved, p_now, index):
     """The conversion's reference: decode with the saved options, encode with the new ones (public functions)."""
     g_saved = next(g for g in opt_saved.param_groups if any(q is p_saved for q in g["params"]))
     g_now = next(g for g in opt_now.param_groups if any(q is p_now for q in g["params"]))
-    M = dequantized_momentum(plan_of(p_saved, g_saved), opt_saved.state[p_saved], g_saved)
+    M = QuantizedMomentum(plan_of(p_saved, g_saved), g_saved).dequantized(opt_saved.state[p_saved])
     plan = plan_of(p_now, g_now)
     out = {"step": opt_saved.state[p_saved]["step"]}
     encode_momentum(plan.view(M.reshape(p_now.shape)), out, plan, g_now, index)

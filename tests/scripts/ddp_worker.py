@@ -8,7 +8,6 @@ Usage: torchrun --nproc_per_node 2 tests/scripts/ddp_worker.py --out DIR --ckpt1
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 
 import torch
@@ -36,8 +35,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import muonq_hf.distributed as mdist
 from muonq_hf import state_bytes
+from muonq_hf.backends.common import row_ranges
 
 
 def ddp(config: str, shard: bool, seed: int = 0):
@@ -46,8 +45,7 @@ def ddp(config: str, shard: bool, seed: int = 0):
 
 
 def _gathered(opt):
-    engine = mdist.engine_for(opt)
-    return engine.gathered(opt) if isinstance(engine, mdist.DDPShardEngine) else contextlib.nullcontext()
+    return opt.full_state()  # collective with ddp_shard_state, nothing to gather without
 
 
 def all_momenta(opt) -> dict:
@@ -65,11 +63,11 @@ def layout_ok(opt, rank: int, world: int) -> bool:
     """Muon states on their owner only; AdamW states hold exactly this rank's rows."""
     params = [p for g in opt.param_groups for p in g["params"]]
     ok = True
-    for owner, p in zip(mdist.DDPShardEngine().owners(opt), params, strict=True):
+    for owner, p in zip(opt._backend().owners(opt._tasks()), params, strict=True):
         if owner is not None:
             ok &= bool(opt.state.get(p)) == (owner == rank)
         else:
-            count = mdist.row_ranges(p.shape[0], world)[rank][1]
+            count = row_ranges(p.shape[0], world)[rank][1]
             ok &= all(v.shape[0] == count for v in opt.state.get(p, {}).values() if v.ndim)
     return bool(ok)
 

@@ -43,6 +43,7 @@ from transformers import (  # noqa: E402
 )
 
 from muonq_hf import MuonQ, param_groups  # noqa: E402
+from muonq_hf.checkpoint import CheckpointError  # noqa: E402
 from muonq_hf.deepspeed import DeepSpeedMuonQ, initialize, verify_engine  # noqa: E402
 from muonq_hf.matrices import plan_of  # noqa: E402
 from muonq_hf.orthogonalize import muon_scale  # noqa: E402
@@ -211,6 +212,13 @@ def run(scenario: str, stage: int, rank: int, out: dict, tmp: str) -> None:
         train_ds(engine2, RESUME_AT, STEPS, gas, half, dtype)
         resumed = full_weights(model2)
         result["resume_max_diff"] = max((straight[n] - resumed[n]).abs().max().item() for n in straight)
+        other = torch.load(os.path.join(ckpt, "k", f"zero_pp_rank_{1 - rank}_mp_rank_00_optim_states.pt"),
+                           weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]
+        try:  # the other rank's file holds the Muon states of matrices this rank does not own
+            opt2.load_state_dict(other)
+            result["foreign_owner_error"] = None
+        except CheckpointError as exc:
+            result["foreign_owner_error"] = str(exc)
         result["state_equal"] = all(
             torch.equal(a, b) if torch.is_tensor(a) else a == b
             for g1, g2 in zip(opt.param_groups, opt2.param_groups, strict=True)

@@ -16,8 +16,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 from muonq_hf.matrices import plan_of
-from muonq_hf.momentum import dequantized_momentum
 from muonq_hf.optimizer import MuonQ
+from muonq_hf.state import QuantizedMomentum
 
 # the two ways Accelerate saves a distributed state: FULL_STATE_DICT, and SHARDED_STATE_DICT (DCP)
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=True)
@@ -126,7 +126,7 @@ def momenta(opt: MuonQ) -> dict[int, torch.Tensor]:
         for p in group["params"]:
             state = {k: full(v) for k, v in opt.state.get(p, {}).items()}
             if group["use_muon"] and state:
-                out[index] = dequantized_momentum(plan_of(p, group), state, group)
+                out[index] = QuantizedMomentum(plan_of(p, group), group).dequantized(state)
             index += 1
     return out
 

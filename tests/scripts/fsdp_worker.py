@@ -35,9 +35,10 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-import muonq_hf.distributed as mdist
+import muonq_hf.backends.fsdp2 as fsdp2_backend
 from muonq_hf import MuonQ, state_bytes
-from muonq_hf.matrices import is_row_key  # noqa: E402
+from muonq_hf.matrices import plan_of  # noqa: E402
+from muonq_hf.state import QuantizedMomentum  # noqa: E402
 
 
 def fsdp(config: str, seed: int = 0) -> tuple[torch.nn.Module, MuonQ]:
@@ -94,7 +95,8 @@ def main() -> None:
                             layout_ok &= value.to_local().shape[0] == p.to_local().shape[0]
                         elif value.ndim:
                             replicated_ok &= same_on_all_ranks(value)
-                            layout_ok &= group["use_muon"] and not is_row_key(key, group["block_size"])
+                            layout = QuantizedMomentum(plan_of(p, group), group)
+                            layout_ok &= group["use_muon"] and not layout.is_row(key)
             res["state_layout_ok"], res["state_replicated_ok"] = bool(layout_ok), bool(replicated_ok)
             res["muon_bytes_rank"] = [0] * world
             sizes = torch.tensor([state_bytes(opt)["muon"]["total"]])
@@ -110,13 +112,13 @@ def main() -> None:
     ref_model = make_model()
     ref_opt = make_optimizer(ref_model, "muonq")
     train(ref_model, ref_opt, range(STEPS))
-    real = mdist._all_reduce
-    mdist._all_reduce = lambda op, group: (lambda t: t)
+    real = fsdp2_backend.all_reduce
+    fsdp2_backend.all_reduce = lambda op, group: (lambda t: t)
     try:
         model, opt = fsdp("muonq")
         train(model, opt, range(STEPS), rank, world)
     finally:
-        mdist._all_reduce = real
+        fsdp2_backend.all_reduce = real
     res["broken_reducer_weights_rel_diff"] = max_rel_diff(weights(model), weights(ref_model))
 
     # ---------------------------------------------------------------- 4. checkpoints (2 -> 2, 1 -> 2, 2 -> 1)

@@ -1,0 +1,183 @@
+"""What every backend shares: the task of one parameter, the whole-matrix Muon step, owner assignment, row
+ranges, the agreed non-finite decision, and the owner-side Newton-Schulz of row-sharded matrices.
+
+A backend decides *where* each stage of the step runs (docs/design.md, "Backends"); the stages themselves
+(``muonq_hf.momentum``, ``muonq_hf.adamw``) are written once and called from here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from ..adamw import adamw_step
+from ..matrices import MatrixPlan, plan_of
+from ..momentum import apply_update, orthogonalized_update
+from ..state import adamw_quantized
+
+
+@dataclass(frozen=True)
+class Task:
+    """One parameter of the optimizer: its position (keys its generators), its group and the tensor."""
+
+    index: int
+    group: dict
+    param: torch.Tensor
+
+
+class MomentumStage(Protocol):
+    """The momentum stage (``muonq_hf.momentum.momentum_step``'s signature): the optimizer hands it to the
+    backend, so a subclass that replaces it (a baseline) is used by every backend that can run it."""
+
+    def __call__(
+        self, plan: MatrixPlan, G: torch.Tensor, state: dict, group: dict, index: int, **rows: Any
+    ) -> torch.Tensor: ...
+
+
+def whole_muon_update(
+    momentum: MomentumStage, grad: torch.Tensor, state: dict, group: dict, index: int
+) -> torch.Tensor:
+    """Momentum, then orthogonalize, of one whole parameter: the scaled update (E, m, n)."""
+    plan = plan_of(grad, group)
+    X = momentum(plan, plan.view(grad.float()), state, group, index)  # (E, m, n)
+    return orthogonalized_update(plan, X, group["ns_steps"])
+
+
+def whole_muon_step(momentum: MomentumStage, task: Task, state: dict) -> None:
+    """The three stages on one whole parameter: momentum -> orthogonalize -> apply."""
+    p, group = task.param, task.group
+    if p.ndim < 2:  # add_param_group rejected 1-D tensors: something (DeepSpeed ZeRO) swapped the parameters
+        raise RuntimeError(
+            f"MuonQ: a use_muon parameter is now 1-D (shape {tuple(p.shape)}): DeepSpeed ZeRO hands its client "
+            "optimizer flat partitions, and Newton-Schulz on them would be wrong. Use "
+            "muonq_hf.deepspeed.DeepSpeedMuonQ (ZeRO stage 1 or 2), or train without DeepSpeed"
+        )
+    update = whole_muon_update(momentum, p.grad, state, group, task.index)
+    apply_update(p, update, group["lr"], group["weight_decay"])
+
+
+def whole_step(momentum: MomentumStage, task: Task, state: dict) -> None:
+    """The step of one whole parameter in a single process: Muon or AdamW by its group."""
+    p, group = task.param, task.group
+    if group["use_muon"]:
+        whole_muon_step(momentum, task, state)
+    else:
+        adamw_step(p, p.grad, state, group, adamw_quantized(tuple(p.shape), group))
+
+
+# ------------------------------------------------------------------------------------------ ranks
+def row_ranges(m: int, world: int) -> list[tuple[int, int]]:
+    """(start, count) of the rows of each rank under Shard(0) (torch.chunk: ceil(m/world) rows, the rest empty)."""
+    chunk = -(-m // world) if m else 0
+    return [(min(r * chunk, m), max(0, min((r + 1) * chunk, m) - min(r * chunk, m))) for r in range(world)]
+
+
+def assign_owners(costs: list[float], world: int) -> list[int]:
+    """Owner rank of each item: largest cost first to the least loaded rank (ties: lower index, lower rank).
+    A function of the costs only, so every rank computes the same owners without communicating."""
+    load, owner = [0.0] * world, [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owner[i] = r
+        load[r] += costs[i]
+    return owner
+
+
+def state_cost(shape: tuple[int, ...], group: dict) -> float:
+    """Approximate state bytes of a parameter, to balance whole-tensor ownership across ranks."""
+    numel = float(torch.Size(shape).numel())
+    if group["use_muon"]:
+        return numel * (4.0 if group["bits"] == 32 else group["bits"] / 8 * 1.125)  # codes + ~r/n of factors
+    return numel * (2.0 if adamw_quantized(shape, group) else 8.0)
+
+
+def global_rank(group: Any, rank: int) -> int:
+    """The global rank of ``rank`` in process group ``group`` (None: the default group)."""
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
+def all_finite(grads: Iterable[torch.Tensor], group: Any = None, agree: bool = False) -> bool:
+    """Whether every gradient (local shards of DTensors) is finite; with ``agree`` the ranks of ``group`` take
+    the same decision (an all-reduce), so a non-finite value on one rank raises or skips on all of them."""
+    flags = [torch.isfinite(g.to_local() if hasattr(g, "to_local") else g).all() for g in grads]
+    ok = torch.stack(flags).all() if flags else torch.tensor(True)
+    if agree and dist.is_available() and dist.is_initialized():
+        ok = ok.to(torch.int32).reshape(1)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
+    return bool(ok.item())
+
+
+# ------------------------------------------------------------------- NS of row-sharded matrices
+@dataclass
+class RowShard:
+    """This rank's rows of the Newton-Schulz input of one matrix parameter (its plan's single matrix)."""
+
+    plan: MatrixPlan
+    ns_steps: int
+    owner: int  # rank (in the group) that orthogonalizes the whole matrix
+    count: int  # local rows
+    chunk: int  # rows per rank in the padded layout, ceil(m / world)
+    X: torch.Tensor  # (count, n), in the NS dtype
+
+
+def orthogonalize_on_owners(shards: list[RowShard], group: Any, world: int, rank: int) -> list[torch.Tensor]:
+    """One round of matrices with distinct owners: each matrix's rows are gathered on its owner, orthogonalized
+    and scaled there (``orthogonalized_update``), and scattered back. Returns this rank's rows (count, n) of
+    each update in fp32. Each NS runs once in the world, and a rank holds at most one whole matrix."""
+    works, gathered = [], None
+    for item in shards:
+        send = item.X.new_zeros(item.chunk, item.plan.n)  # (chunk, n): the padded row block of this rank
+        send[: item.count] = item.X
+        bufs = [torch.empty_like(send) for _ in range(world)] if rank == item.owner else None
+        if rank == item.owner:
+            gathered = bufs
+        works.append(dist.gather(send, bufs, dst=global_rank(group, item.owner), group=group, async_op=True))
+    for w in works:
+        w.wait()
+    chunks = None
+    mine = [item for item in shards if item.owner == rank]
+    if mine:
+        item = mine[0]
+        full = torch.cat(gathered)[: item.plan.m].unsqueeze(0)  # (1, m, n): the whole NS input, on its owner
+        U = orthogonalized_update(item.plan, full, item.ns_steps)[0]  # (m, n), scaled per piece
+        rows = U.new_zeros(world * item.chunk, item.plan.n)
+        rows[: item.plan.m] = U
+        chunks = list(rows.to(item.X.dtype).chunk(world))
+        del full, gathered
+    works, received = [], []
+    for item in shards:
+        recv = item.X.new_empty(item.chunk, item.plan.n)
+        received.append(recv)
+        src = global_rank(group, item.owner)
+        works.append(dist.scatter(recv, chunks if rank == item.owner else None, src=src, group=group, async_op=True))
+    for w in works:
+        w.wait()
+    return [recv[: item.count].float() for item, recv in zip(shards, received, strict=True)]
+
+
+def rounds(owners: list[int]) -> list[list[int]]:
+    """Consecutive runs of item indices with distinct owners (a rank orthogonalizes one matrix per round)."""
+    out: list[list[int]] = []
+    for i, owner in enumerate(owners):
+        if not out or any(owners[j] == owner for j in out[-1]):
+            out.append([])
+        out[-1].append(i)
+    return out
+
+
+RowReduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def all_reduce(op: Any, group: Any) -> RowReduce:
+    """A reduction over the ranks of ``group`` (``row_sum``/``row_max`` of row-sharded momentum steps)."""
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        t = t.contiguous()  # the inputs are fresh temporaries: reducing in place is safe
+        dist.all_reduce(t, op=op, group=group)
+        return t
+
+    return reduce

@@ -1,0 +1,143 @@
+"""One process, replicated DDP and DDP with ``ddp_shard_state`` (ZeRO-1 by whole tensors): one loop.
+
+Each Muon matrix (and each 0-dim tensor) has one owner rank (``assign_owners`` by state bytes): only the owner
+keeps its state, runs its whole step and broadcasts the new weights. AdamW tensors, being elementwise, are
+split by rows like FSDP's Shard(0) (one embedding would otherwise dominate a rank): each rank keeps the moments
+of its rows, updates them and broadcasts them. Both give the same bits as the replicated optimizer. A single
+process, and every rank of a replicated DDP run, is the world-size-1 case: it owns everything, broadcasts
+nothing. With ``ddp_shard_state`` ``state_dict()`` is collective (every rank must call it, as
+``torch.distributed.checkpoint`` does) and returns the full state on every rank; ``load_state_dict`` keeps
+this rank's part (``keep_local``), so a checkpoint loads on any number of ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..adamw import adamw_step
+from ..state import adamw_quantized
+from .common import (
+    MomentumStage,
+    Task,
+    all_finite,
+    assign_owners,
+    global_rank,
+    row_ranges,
+    state_cost,
+    whole_step,
+)
+
+States = MutableMapping[torch.Tensor, dict]
+
+
+class OwnerBackend:
+    """Whole-matrix owners over ``world`` ranks of ``group`` (world 1: one process, nothing is sent)."""
+
+    def __init__(self, momentum: MomentumStage, group: Any = None, world: int = 1, rank: int = 0) -> None:
+        self.momentum, self.group, self.world, self.rank = momentum, group, world, rank
+        self.sharded = world > 1  # the state is split across ranks
+
+    @classmethod
+    def ddp(cls, momentum: MomentumStage, group: Any = None) -> OwnerBackend:
+        return cls(momentum, group, dist.get_world_size(group), dist.get_rank(group))
+
+    def owners(self, tasks: list[Task]) -> list[int | None]:
+        """Owner rank of each task (None: an AdamW tensor split by rows), identical on every rank."""
+        owned = [i for i, t in enumerate(tasks) if t.group["use_muon"] or t.param.ndim == 0]
+        ranks = assign_owners([state_cost(tuple(tasks[i].param.shape), tasks[i].group) for i in owned], self.world)
+        out: list[int | None] = [None] * len(tasks)
+        for i, r in zip(owned, ranks, strict=True):
+            out[i] = r
+        return out
+
+    def all_finite(self, grads: list[torch.Tensor]) -> bool:
+        return all_finite(grads, self.group, agree=self.sharded)
+
+    def step(self, tasks: list[Task], states: States) -> None:
+        works = []
+        for task, owner in zip(tasks, self.owners(tasks), strict=True):
+            p, group = task.param, task.group
+            if p.grad is None:  # DDP reduces every gradient: the same params have grads on every rank
+                continue
+            if owner is not None:  # a Muon matrix (or a 0-dim tensor): stepped whole by its owner
+                if owner == self.rank:
+                    whole_step(self.momentum, task, states[p])
+                works.append(self._broadcast(p.data, owner))
+                continue
+            ranges = row_ranges(p.shape[0], self.world)  # an AdamW tensor: each rank steps its rows
+            start, count = ranges[self.rank]
+            if count or not self.sharded:  # (one process steps even an empty tensor, as torch's AdamW)
+                rows = slice(start, start + count)
+                adamw_step(p.data[rows], p.grad[rows], states[p], group, adamw_quantized(tuple(p.shape), group))
+            for r, (start_r, count_r) in enumerate(ranges):
+                if count_r:  # rows of a contiguous tensor: a contiguous view, filled in place by the broadcast
+                    works.append(self._broadcast(p.data[start_r : start_r + count_r], r))
+        for w in works:
+            if w is not None:
+                w.wait()
+
+    def _broadcast(self, t: torch.Tensor, src: int) -> Any:
+        if not self.sharded:
+            return None
+        return dist.broadcast(t, src=global_rank(self.group, src), group=self.group, async_op=True)
+
+    # -------------------------------------------------------------------------------- checkpoints
+    @contextmanager
+    def full_state(self, tasks: list[Task], states: States) -> Iterator[None]:
+        """Temporarily give every rank the full state (collective); this rank's own part is restored afterwards.
+
+        Tensors are gathered through CPU pickles (device-free); Muon states come whole from their owners, AdamW
+        states are concatenated from the row parts (the step count is the same on every rank)."""
+        if not self.sharded:
+            yield
+            return
+        owner = self.owners(tasks)
+        params = [t.param for t in tasks]
+        mine = {
+            i: {k: v.cpu() if torch.is_tensor(v) else v for k, v in states[p].items()}
+            for i, p in enumerate(params)
+            if states.get(p) and owner[i] in (None, self.rank)  # state is a defaultdict: skip empty entries
+        }
+        parts: list[dict] = [None] * self.world  # type: ignore[list-item]
+        dist.all_gather_object(parts, mine, group=self.group)
+        saved = {p: states[p] for p in params if p in states}
+        for i, p in enumerate(params):
+            pieces = [part[i] for part in parts if i in part]
+            if not pieces:
+                continue
+            if owner[i] is not None:
+                full = pieces[0]
+            else:
+                full = {k: torch.cat([x[k] for x in pieces]) if v.ndim else v for k, v in pieces[0].items()}
+            states[p] = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in full.items()}
+        try:
+            yield
+        finally:
+            for p in params:
+                states.pop(p, None)
+                if p in saved:
+                    states[p] = saved[p]
+
+    def keep_local(self, tasks: list[Task], states: States) -> None:
+        """After a full load: drop the Muon states owned elsewhere and keep this rank's rows of AdamW states."""
+        if not self.sharded:
+            return
+        for task, owner in zip(tasks, self.owners(tasks), strict=True):
+            p = task.param
+            if owner is not None:
+                if owner != self.rank:
+                    states.pop(p, None)
+            elif p in states:
+                start, count = row_ranges(p.shape[0], self.world)[self.rank]
+                if count == 0:
+                    states.pop(p)
+                    continue
+                states[p] = {
+                    k: v[start : start + count].clone() if torch.is_tensor(v) and v.ndim else v
+                    for k, v in states[p].items()
+                }
