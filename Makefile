@@ -15,7 +15,7 @@ test:
 	$(BIN)/python -m pytest -q tests
 
 lint:
-	$(BIN)/ruff check muonq_hf muonq_hf_autoregister.py setup.py tests examples benchmarks
+	$(BIN)/ruff check muonq_hf fplab muonq_hf_autoregister.py setup.py tests examples benchmarks
 
 train:
 	$(BIN)/python examples/run_clm.py --optim muonq --output_dir runs/train_muonq \
@@ -28,7 +28,7 @@ bench:
 	$(BIN)/python -m benchmarks all
 
 lab:
-	$(BIN)/python -m muonq_hf.lab all --out docs/fp_quantization
+	$(BIN)/python -m fplab all --out docs/fp_quantization
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

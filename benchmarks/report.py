@@ -97,7 +97,7 @@ def quality_section(q: dict) -> list[str]:
     s = SCHEDULE
     lines = [
         "## Quality: tiny GPT-2 and LLaMA pretraining through the HF Trainer", "",
-        f"`examples/run_clm.py` on the embedded corpus (`muonq_hf.data`, BPE vocab 4096), {s['n_layer']} layers, "
+        f"`examples/run_clm.py` on the embedded corpus (`examples/corpus.py`, BPE vocab 4096), {s['n_layer']} layers, "
         f"d={s['n_embd']}, {s['n_head']} heads, block {s['block_size']}, batch {s['per_device_train_batch_size']}, "
         f"{s['max_steps']} steps, {s['warmup_steps']} warm-up steps then cosine, weight decay {s['weight_decay']}, "
         f"AdamW betas (0.9, 0.95) everywhere, eval loss on {s['max_eval_samples']} held-out blocks. One process per "

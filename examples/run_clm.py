@@ -3,7 +3,7 @@
 
 Data: ``--dataset_name [--dataset_config_name]`` (a datasets hub name or local builder), ``--train_file
 [--validation_file]`` (.txt, .json/.jsonl with a "text" column, .csv), or by default the embedded corpus of
-``muonq_hf.data`` (Python's documentation and stdlib sources; no network). Without ``--tokenizer_name`` a
+``examples/corpus.py`` (Python's documentation and stdlib sources; no network). Without ``--tokenizer_name`` a
 byte-level BPE of ``--vocab_size`` is trained on the training texts.
 
 Model: ``--model_name_or_path`` (a local checkpoint), or a new one from ``--model_type gpt2|llama`` with
@@ -24,6 +24,7 @@ import sys
 from dataclasses import dataclass, field
 
 import transformers
+from corpus import DEFAULT_MAX_CHARS, DEFAULT_VOCAB_SIZE, group_texts, load_corpus_datasets, train_bpe_tokenizer
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -37,7 +38,6 @@ from transformers import (
 )
 
 import muonq_hf  # noqa: F401  (registers --optim muonq before the parser is built)
-from muonq_hf.data import DEFAULT_MAX_CHARS, DEFAULT_VOCAB_SIZE, group_texts, load_corpus_datasets, train_bpe_tokenizer
 from muonq_hf.hf import OPTIM_NAME, parse_optim_args
 from muonq_hf.memory import state_bytes
 

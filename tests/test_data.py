@@ -6,8 +6,7 @@ from pydoc_data.topics import topics
 
 import numpy as np
 import pytest
-
-from muonq_hf.data import (
+from corpus import (
     EOS_TOKEN,
     corpus_documents,
     group_texts,

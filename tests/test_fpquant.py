@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from muonq_hf.fpquant import (
+from fplab.fpquant import (
     FORMATS,
     FloatFormat,
     QuantizedAdam,

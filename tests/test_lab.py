@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from muonq_hf import lab
+from fplab import lab
 
 
 def test_rosenbrock_and_its_minimum() -> None:

@@ -42,9 +42,8 @@ def local_model(tmp_path_factory):
     """A tiny Llama and a BPE tokenizer saved locally, and a JSON-lines text dataset (Python's docs)."""
     import pydoc_data.topics
 
+    from corpus import train_bpe_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from muonq_hf.data import train_bpe_tokenizer
 
     root = tmp_path_factory.mktemp("trl")
     texts = list(pydoc_data.topics.topics.values())[:40]

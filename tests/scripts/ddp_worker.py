@@ -18,6 +18,7 @@ from fsdp_common import (
     HALF,
     SHARDED,
     STEPS,
+    first_difference,
     full_state,
     make_model,
     make_optimizer,
@@ -72,13 +73,6 @@ def layout_ok(opt, rank: int, world: int) -> bool:
     return bool(ok)
 
 
-def equal(a: dict, b: dict) -> bool:
-    def eq(x, y):
-        if isinstance(x, dict):
-            return x.keys() == y.keys() and all(eq(x[k], y[k]) for k in x)
-        return torch.equal(x, y)
-
-    return eq(a, b)
 
 
 def main() -> None:
@@ -107,9 +101,9 @@ def main() -> None:
         res[config] = {
             "ref_losses": ref_losses,
             "losses": losses,
-            "sharded_equals_replicated": losses == rep_losses
-            and equal(weights(model.module), weights(rep_model.module))
-            and equal(all_state(opt), full_state(rep_opt)),
+            "sharded_vs_replicated_difference": (None if losses == rep_losses else f"losses {losses} vs {rep_losses}")
+            or first_difference(weights(model.module), weights(rep_model.module), "weights")
+            or first_difference(all_state(opt), full_state(rep_opt), "state"),
             "weights_rel_diff": max_rel_diff(weights(model.module), weights(ref_model)),
             "momentum_rel_diff": max_rel_diff(all_momenta(opt), momenta(ref_opt)),
             "state_bytes_sharded": state_bytes(opt)["total"],
@@ -160,12 +154,12 @@ def main() -> None:
                 set_optimizer_state_dict(model, opt, saved["optim"] if rank == 0 else {}, options=FULL)
             else:
                 opt.load_state_dict(saved["plain"])
-        res[f"fake_step_keeps_weights_{kind}"] = equal(weights(model.module), before)
+        res[f"fake_step_weight_difference_{kind}"] = first_difference(weights(model.module), before)
         res[f"state_is_sharded_after_load_{kind}"] = layout_ok(opt, rank, world)
-        res[f"resume_momenta_exact_{kind}"] = equal(all_momenta(opt), mid)
+        res[f"resume_momenta_difference_{kind}"] = first_difference(all_momenta(opt), mid)
         train(model, opt, range(HALF, STEPS), rank, world)
-        res[f"resume_2to2_weights_exact_{kind}"] = equal(weights(model.module), final_w)
-        res[f"resume_2to2_state_exact_{kind}"] = equal(all_state(opt), final_s)
+        res[f"resume_2to2_weights_difference_{kind}"] = first_difference(weights(model.module), final_w)
+        res[f"resume_2to2_state_difference_{kind}"] = first_difference(all_state(opt), final_s)
 
     # 1 -> 2
     model, opt = ddp("muonq", shard=True, seed=1)
@@ -174,7 +168,7 @@ def main() -> None:
     set_model_state_dict(model, sd["model"])
     set_optimizer_state_dict(model, opt, sd["optim"], options=SHARDED)
     ref1 = torch.load(args.ckpt1 + "_momenta.pt", weights_only=True)
-    res["resume_1to2_momenta_exact"] = equal(all_momenta(opt), ref1)
+    res["resume_1to2_momenta_difference"] = first_difference(all_momenta(opt), ref1)
     train(model, opt, range(HALF, STEPS), rank, world)
     ref_model = make_model()
     ref_opt = make_optimizer(ref_model, "muonq")

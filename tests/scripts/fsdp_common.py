@@ -141,6 +141,24 @@ def weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: full(p.detach()).clone() for name, p in model.named_parameters()}
 
 
+def first_difference(a, b, where: str = "") -> str | None:
+    """None when a and b (nested dicts of tensors) are equal bit for bit, else where and by how much they differ:
+    the worker reports it, so a failing test names the entry instead of a bare False."""
+    if isinstance(a, dict):
+        if a.keys() != b.keys():
+            left, right = sorted(map(str, a.keys() - b.keys())), sorted(map(str, b.keys() - a.keys()))
+            return f"{where or 'top'}: keys differ (only left {left}, only right {right})"
+        return next((d for k in a if (d := first_difference(a[k], b[k], f"{where}[{k!r}]")) is not None), None)
+    if not torch.is_tensor(a):
+        return None if a == b else f"{where}: {a!r} vs {b!r}"
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return f"{where}: {a.dtype} {tuple(a.shape)} vs {b.dtype} {tuple(b.shape)}"
+    if torch.equal(a, b):
+        return None
+    diff = (a.double() - b.double()).abs()
+    return f"{where}: {int((diff > 0).sum())} of {diff.numel()} elements differ, max |diff| {diff.max().item():.3g}"
+
+
 def max_rel_diff(a: dict, b: dict) -> float:
     """max over tensors of ||a - b||_max / (||b||_max + 1e-12)."""
     return max(float((a[k].float() - b[k].float()).abs().max() / (b[k].float().abs().max() + 1e-12)) for k in b)

@@ -1,6 +1,6 @@
 """Floating-point quantization lab: Adam vs Muon with quantized G, W, M, V (arXiv 2510.21314, docs/fp_quantization.md).
 
-    python -m muonq_hf.lab rosenbrock|mlp|errgrowth|all [--out DIR] [--steps N] [--seeds K] [--quick]
+    python -m fplab rosenbrock|mlp|errgrowth|all [--out DIR] [--steps N] [--seeds K] [--quick]
                            [--rounding nearest|stochastic] [--workers W]
 
 Experiments (all CPU, fp32; the exponent is fixed at 8 bits, bf16's range, so only the mantissa varies and
@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from muonq_hf.fpquant import QuantizedAdam, QuantizedMuon, horizon_formats
+from fplab.fpquant import QuantizedAdam, QuantizedMuon, horizon_formats
 
 MANTISSAS = (23, 10, 7, 3, 2, 1)
 EXP_BITS = 8
@@ -450,7 +450,7 @@ QUICK = {"rosenbrock": 20, "mlp": 10, "errgrowth": 32}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m muonq_hf.lab", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m fplab", description=__doc__.splitlines()[0])
     parser.add_argument("experiment", choices=["rosenbrock", "mlp", "errgrowth", "all"])
     parser.add_argument("--out", type=Path, default=Path("fp_quantization_lab"), help="output directory")
     parser.add_argument("--steps", type=int, default=None, help="steps per run (errgrowth: the largest T)")
