@@ -20,7 +20,7 @@ import torch
 
 from .lowrank import RowSum, power_iteration_split
 from .matrices import MatrixPlan
-from .orthogonalize import muon_scale, zeropower_via_newtonschulz5
+from .orthogonalize import NS_DTYPES, muon_scale, zeropower_via_newtonschulz5
 from .state import QuantizedMomentum, generator
 
 
@@ -119,11 +119,16 @@ def momentum_step(
 
 
 # ------------------------------------------------------------------------- orthogonalize, apply
-def orthogonalized_update(plan: MatrixPlan, X: torch.Tensor, ns_steps: int) -> torch.Tensor:
-    """NS5 of every matrix of X (E, m, n), each times 0.2 sqrt(max(rows, cols)) of its own shape; fp32."""
+def ns_dtype(group: dict) -> torch.dtype:
+    return NS_DTYPES[group["ns_dtype"]]
+
+
+def orthogonalized_update(plan: MatrixPlan, X: torch.Tensor, group: dict) -> torch.Tensor:
+    """NS5 of every matrix of X (E, m, n) in ``ns_dtype``, each times 0.2 sqrt(max(rows, cols)) of its own
+    shape; fp32."""
     out = torch.empty(X.shape, dtype=torch.float32, device=X.device)
     for b in range(len(plan.batches)):
-        U = zeropower_via_newtonschulz5(plan.take(X, b), ns_steps).float()  # (E * c, rows, cols)
+        U = zeropower_via_newtonschulz5(plan.take(X, b), group["ns_steps"], ns_dtype(group)).float()  # (E*c, r, c)
         plan.put(out, b, U.mul_(muon_scale(*plan.batch_shape(b))))
     return out
 

@@ -197,9 +197,12 @@ class MuonQ(torch.optim.Optimizer):
                     if torch.is_tensor(value) and self.state[p][key].dtype != value.dtype:
                         self.state[p][key] = value.to(device=self.state[p][key].device, copy=True)
         self.skipped_steps = int(state_dict.get("muonq", {}).get("skipped_steps", 0))
-        saved = [dict(group) for group in self.param_groups]  # torch's loader put the saved options in the groups
-        for g, group in enumerate(self.param_groups):  # storage options given now win
-            keys = MUON_STORAGE if group["use_muon"] else ADAMW_STORAGE
+        # torch's loader put the saved options in the groups; options the checkpoint predates were their defaults
+        saved = [{**self.defaults, **group} for group in self.param_groups]
+        for g, group in enumerate(self.param_groups):
+            for key, value in now[g].items():  # options the checkpoint predates take the values given now
+                group.setdefault(key, value)
+            keys = MUON_STORAGE if group["use_muon"] else ADAMW_STORAGE  # storage options given now win
             group.update({k: now[g][k] for k in keys})
         self._remember_storage()
         if changes:

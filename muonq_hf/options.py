@@ -18,6 +18,7 @@ MUON_DEFAULTS: dict[str, Any] = dict(
     momentum=0.95,  # beta of the momentum M = beta * M + G
     nesterov=False,  # U = NS(G + beta * M) instead of NS(M)
     ns_steps=5,  # Newton-Schulz iterations (Keller's quintic)
+    ns_dtype="bf16",  # dtype of the Newton-Schulz iteration: "bf16" (as every peer runs it) or "fp32"
     bits=4,  # momentum storage: 4 or 8 bit codes, or 32 = fp32 (no codec)
     normalize=True,  # pre-quantization normalization of G and of M (the paper's technique 1)
     rank_divisor=16,  # low-rank split rank r = min(m, n) // rank_divisor; 0 = no split (technique 2)
@@ -96,6 +97,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "momentum": (_in_unit, "a finite number in [0, 1)"),
     "nesterov": (_is_bool, "True or False"),
     "ns_steps": (_int_at_least(1, 100), "an int in [1, 100]"),
+    "ns_dtype": (_one_of("bf16", "fp32"), "'bf16' or 'fp32'"),
     "bits": (_one_of(4, 8, 32), "one of 4, 8, 32"),
     "normalize": (_is_bool, "True or False"),
     "rank_divisor": (_int_at_least(0), "an int >= 0 (0 = no low-rank split)"),
@@ -136,6 +138,7 @@ _TYPES: dict[str, str] = {
     "momentum": "float",
     "nesterov": "bool",
     "ns_steps": "int",
+    "ns_dtype": "str",
     "bits": "int",
     "normalize": "bool",
     "rank_divisor": "int",

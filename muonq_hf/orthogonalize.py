@@ -11,20 +11,19 @@ import torch
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def ns_dtype_for(device: torch.device) -> torch.dtype:
-    """bf16 on accelerators (NS5 is stable in bf16 and runs on tensor cores), fp32 on CPU (exact tests)."""
-    return torch.float32 if device.type == "cpu" else torch.bfloat16
+NS_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # the ns_dtype option
 
 
-def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = None) -> torch.Tensor:
+def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Approximate U V^T of G = U S V^T by a quintic Newton-Schulz iteration.
 
-    G: (..., m, n), batched over leading dims. Returns a tensor of G's shape in ``dtype``
-    (default: bf16 on accelerators, fp32 on CPU).
+    G: (..., m, n), batched over leading dims. Returns a tensor of G's shape in ``dtype``: bf16 by default, as
+    torch.optim.Muon and Keller Jordan's Muon run it (stable in bf16, 4x faster than fp32 on CPUs with bf16
+    dot products, tensor cores on GPUs); fp32 for exact comparisons.
     """
     assert G.ndim >= 2, f"Newton-Schulz needs a matrix, got shape {tuple(G.shape)}"
     a, b, c = NS_COEFFICIENTS
-    X = G.to(dtype or ns_dtype_for(G.device))
+    X = G.to(dtype)
     transposed = G.size(-2) > G.size(-1)
     if transposed:  # iterate on the short side: X X^T is (min, min)
         X = X.mT

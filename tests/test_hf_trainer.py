@@ -114,7 +114,7 @@ def test_gradient_accumulation_matches_the_double_batch_with_one_ns_per_step(tmp
         for bs, accumulation in ((8, 1), (4, 2)):
             calls.clear()
             args = _args(tmp_path / f"{bits}-{bs}", max_steps=3, per_device_train_batch_size=bs,
-                         gradient_accumulation_steps=accumulation, optim_args=f"bits={bits}")
+                         gradient_accumulation_steps=accumulation, optim_args=f"bits={bits},ns_dtype=fp32")
             trainer = train_tiny(args, dropout=0.0)
             n_muon = sum(len(g["params"]) for g in _inner(trainer).param_groups if g["use_muon"])
             assert len(calls) == 3 * n_muon, (len(calls), n_muon)  # one NS per matrix per optimizer step

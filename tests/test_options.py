@@ -23,6 +23,8 @@ BAD = [
     ("nesterov", 1, "True or False"),
     ("ns_steps", True, "an int in [1, 100]"),
     ("ns_steps", 0, "an int in [1, 100]"),
+    ("ns_dtype", "fp16", "'bf16' or 'fp32'"),
+    ("ns_dtype", torch.bfloat16, "'bf16' or 'fp32'"),
     ("eps", "1e-8", "a finite number >= 0"),
     ("momentum", None, "a finite number in [0, 1)"),
     ("momentum", 1.0, "a finite number in [0, 1)"),

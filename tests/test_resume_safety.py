@@ -252,3 +252,23 @@ def test_changing_a_storage_option_after_loading_converts_at_the_next_step(caplo
     assert any("storage options changed in param_groups" in r.getMessage() for r in caplog.records)
     assert opt2.state[model2.fc.weight]["res_codes"].shape == (16, 16)  # 8-bit: one byte per column
     assert all(torch.isfinite(p).all() for p in model2.parameters())
+
+
+def test_checkpoint_older_than_an_option_resumes_with_the_value_given_now():
+    """A checkpoint written before ns_dtype existed has no such key in its groups (torch's loader keeps only the
+    saved group's keys): the group takes the value given now, and the state resumes bit for bit."""
+    model, opt = trained()
+    sd = copy.deepcopy(opt.state_dict())
+    for group in sd["param_groups"]:
+        del group["ns_dtype"]
+    fresh_model, fresh = trained(dict(ns_dtype="fp32"), steps=0)
+    fresh_model.load_state_dict(model.state_dict())
+    fresh.load_state_dict(sd)
+    assert [g["ns_dtype"] for g in fresh.param_groups] == ["fp32"] * len(fresh.param_groups)
+    ids = torch.randint(0, 300, (4, 8), generator=torch.Generator().manual_seed(9))
+    for m, o in ((model, opt), (fresh_model, fresh)):
+        m(ids).backward()
+        o.step()  # fresh: a KeyError here before, the loaded groups lacked the option
+    for i, (p, q) in enumerate(zip(opt.state, fresh.state, strict=True)):  # the momentum does not depend on NS
+        assert int(fresh.state[q]["step"]) == 4, i
+        assert all(torch.equal(opt.state[p][k], fresh.state[q][k]) for k in opt.state[p]), i

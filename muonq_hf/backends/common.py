@@ -44,7 +44,7 @@ def whole_muon_update(
     """Momentum, then orthogonalize, of one whole parameter: the scaled update (E, m, n)."""
     plan = plan_of(grad, group)
     X = momentum(plan, plan.view(grad.float()), state, group, index)  # (E, m, n)
-    return orthogonalized_update(plan, X, group["ns_steps"])
+    return orthogonalized_update(plan, X, group)
 
 
 def whole_muon_step(momentum: MomentumStage, task: Task, state: dict) -> None:
@@ -117,7 +117,7 @@ class RowShard:
     """This rank's rows of the Newton-Schulz input of one matrix parameter (its plan's single matrix)."""
 
     plan: MatrixPlan
-    ns_steps: int
+    group: dict  # its options (ns_steps, ns_dtype)
     owner: int  # rank (in the group) that orthogonalizes the whole matrix
     count: int  # local rows
     chunk: int  # rows per rank in the padded layout, ceil(m / world)
@@ -143,7 +143,7 @@ def orthogonalize_on_owners(shards: list[RowShard], group: Any, world: int, rank
     if mine:
         item = mine[0]
         full = torch.cat(gathered)[: item.plan.m].unsqueeze(0)  # (1, m, n): the whole NS input, on its owner
-        U = orthogonalized_update(item.plan, full, item.ns_steps)[0]  # (m, n), scaled per piece
+        U = orthogonalized_update(item.plan, full, item.group)[0]  # (m, n), scaled per piece
         rows = U.new_zeros(world * item.chunk, item.plan.n)
         rows[: item.plan.m] = U
         chunks = list(rows.to(item.X.dtype).chunk(world))

@@ -6,8 +6,8 @@ Each rank keeps the state of its own rows only (docs/design.md, "State layout"):
 uneven and empty shards work), batch entries (per-matrix scales, R) are plain tensors, identical on every rank.
 The momentum stage runs on the local rows with all-reduced norms, Gram matrices, R and absmax (``row_sum`` /
 ``row_max``). Newton-Schulz needs the whole matrix: every matrix has an owner rank (``assign_owners`` by NS
-cost); in rounds of matrices with distinct owners, each is gathered on its owner (in the NS dtype: bf16 on
-accelerators, fp32 on CPU), orthogonalized there and its rows scattered back (``orthogonalize_on_owners``).
+cost); in rounds of matrices with distinct owners, each is gathered on its owner (in the NS dtype,
+``ns_dtype``), orthogonalized there and its rows scattered back (``orthogonalize_on_owners``).
 
 Fused pieces (``qkv_split``) of any ``split_dim`` are handled by padding: the local rows of each piece are laid
 out as (k, L, w) with zero rows (zero codes) where a rank holds fewer rows of a piece; zero rows add nothing to
@@ -33,8 +33,7 @@ import torch.distributed as dist
 
 from ..adamw import adamw_step
 from ..matrices import plan_of
-from ..momentum import apply_update, orthogonalized_update
-from ..orthogonalize import ns_dtype_for
+from ..momentum import apply_update, ns_dtype, orthogonalized_update
 from ..state import QuantizedMomentum, adamw_quantized
 from .common import (
     MomentumStage,
@@ -197,7 +196,7 @@ class FSDP2Backend:
         G = plan.view(p.grad.to_local().float())  # (count, m, n): this rank's experts
         with _local_state(state, p, first, count, _every_entry) as local:
             X = self.momentum(plan, G, local, group, task.index, experts=(first, p.shape[0]))
-        update = orthogonalized_update(plan, X, group["ns_steps"])
+        update = orthogonalized_update(plan, X, group)
         apply_update(p.to_local(), update, group["lr"], group["weight_decay"])  # the local shard shares p's storage
 
     def _matrices(self, mesh: Any, tasks: list[Task], states: States) -> None:
@@ -218,8 +217,8 @@ class FSDP2Backend:
                         plan, G, local, group, task.index, start=start, count=count,
                         row_sum=all_reduce(dist.ReduceOp.SUM, pg), row_max=all_reduce(dist.ReduceOp.MAX, pg),
                     )  # (1, count, n); NS is deferred: it runs once, on the owner rank of this matrix
-                X = X[0].to(ns_dtype_for(p.device))
-                shards.append(RowShard(plan, group["ns_steps"], owners[i], count, -(-plan.m // world), X))
+                X = X[0].to(ns_dtype(group))  # gathered in the NS dtype: half the bytes in bf16
+                shards.append(RowShard(plan, group, owners[i], count, -(-plan.m // world), X))
             updates = orthogonalize_on_owners(shards, pg, world, rank)
             for i, update in zip(round_, updates, strict=True):
                 group = tasks[i].group

@@ -111,7 +111,7 @@ def reference(scenario: str) -> dict[str, torch.Tensor]:
     gas = 2 if scenario == "fp32" else 1
     model = make_model(torch.bfloat16 if bf16 else torch.float32, scenario)
     master = copy.deepcopy(model).float() if bf16 else model  # ZeRO's master: the bf16 weights, upcast
-    extra = dict(bits=32) if scenario == "split" else {}
+    extra = dict(bits=32, ns_dtype="fp32") if scenario == "split" else {}  # compared within fp32 rounding
     opt = MuonQ(param_groups(master), **OPTIONS, **extra)
     for step in range(STEPS):
         for micro in range(gas):
@@ -165,7 +165,7 @@ def run(scenario: str, stage: int, rank: int, out: dict, tmp: str) -> None:
     dtype = torch.bfloat16 if bf16 else torch.float32
     gas = 2 if scenario == "fp32" else 1  # gradient accumulation: NS must run once per optimizer step
     half = rank if scenario == "split" else None
-    extra = dict(bits=32) if scenario == "split" else {}
+    extra = dict(bits=32, ns_dtype="fp32") if scenario == "split" else {}  # compared within fp32 rounding
     model = make_model(dtype, scenario)
     micro = BATCH // 2 if half is not None else BATCH
     key = f"{scenario}/stage{stage}"
