@@ -3,10 +3,14 @@
 memory   analytic optimizer-state bytes on GPT-2 small/medium and LLaMA-1B shapes (meta device), checked
          against real state tensors on a small model            -> results/memory.json
 speed    optimizer step time, all rows interleaved in one process -> results/speed.json (+ stage profile)
+gpu      the GPU check (benchmarks/gpu.py): CUDA checks, then step time and peak memory against the peers,
+         bounded by --budget seconds                             -> DIR/gpu.json, DIR/gpu.md
+peak     peak memory of real training steps (GPT-2 small, fp32, batch 1 x 128), one process per optimizer
+                                                                -> results/peak.json
 quality  summary of the cached quality study; ``--run`` trains the missing runs (long, resumable)
                                                                 -> results/quality_runs.json, quality.json
 report   RESULTS.md and PNG charts from the JSON files
-all      memory + speed + quality summary (no training) + report (5-8 minutes on 2 shared CPU cores)
+all      memory + speed + peak + quality summary (no training) + report (10-15 minutes on 2 shared CPU cores)
 ``--quick`` uses tiny models and few repeats (seconds; used by the tests), best with ``--out`` elsewhere.
 """
 
@@ -23,8 +27,10 @@ import torch
 
 from . import quality
 from .memory import memory_table, verify_analytic
-from .speed import stage_profile, step_times
-from .variants import get_variant
+from .speed import RATIO_REFERENCES, stage_profile, step_times
+from .variants import MAIN_ROWS, SPEED_ROWS, VARIANTS, get_variant
+
+QUICK_SPEED_ROWS = MAIN_ROWS + [VARIANTS[n] for n in ("torch_muon", "keller_muon", "bnb_adamw8bit_hf")]
 
 DEFAULT_OUT = Path(__file__).resolve().parent
 
@@ -74,18 +80,40 @@ def cmd_memory(args: argparse.Namespace) -> None:
 
 def cmd_speed(args: argparse.Namespace) -> None:
     shape, rounds, warmup = ("gpt2-tiny", 2, 1) if args.quick else (args.shape, args.rounds, 2)
+    rows = QUICK_SPEED_ROWS if args.quick else SPEED_ROWS  # quick: no torchao rows (each compiles for seconds)
     t0 = time.time()
-    result = step_times(shape, warmup=warmup, rounds=rounds)
+    result = step_times(shape, rows, warmup=warmup, rounds=rounds)
     result["wall_s"] = time.time() - t0
     for row in result["rows"].values():
-        print(f"  {row['label']:30s} {row['median_s'] * 1e3:9.1f} ms  x{row['ratio_vs_muon_fp32']:.2f} vs Muon fp32"
-              f"  x{row['ratio_vs_adamw']:.2f} vs AdamW")
+        ratios = "  ".join(f"x{row[f'ratio_vs_{r}']:.2f} vs {r}" for r in RATIO_REFERENCES if f"ratio_vs_{r}" in row)
+        print(f"  {row['label']:30s} {row['median_s'] * 1e3:9.1f} ms  {ratios}")
     sizes = [(128, 128)] if args.quick else [(768, 768), (768, 3072)]
     result["stage_profile"] = {f"{m}x{n}": stage_profile(m, n, repeats=1 if args.quick else 5) for m, n in sizes}
     result["gpu"] = None
     if torch.cuda.is_available() and not args.quick:
         result["gpu"] = step_times(shape, warmup=warmup, rounds=rounds, device="cuda")
     _write(args.out, "speed.json", {"machine": machine(), **result})
+
+
+def cmd_peak(args: argparse.Namespace) -> None:
+    from .peak import ROWS, run_rows
+
+    shape, rows = ("gpt2-tiny", ["none", "muonq_adam8", "bnb_adamw8bit_hf"]) if args.quick else ("gpt2-small", ROWS)
+    device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
+    result = run_rows(list(rows), shape, steps=3, device=device, batch=1, seq=128, threads=max(args.threads, 2))
+    _write(args.out, "peak.json", {"machine": machine(), "shape": shape, "steps": 3, "batch": [1, 128],
+                                   "rows": result})
+
+
+def cmd_gpu(args: argparse.Namespace) -> None:
+    from .gpu import run
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    command = "python -m benchmarks " + " ".join(sys.argv[1:]) if sys.argv[1:] else "python -m benchmarks gpu"
+    report = run(args.out, device, args.quick, args.budget, command)
+    failed = [name for name, r in report["checks"].items() if not r.get("ok")]
+    print((args.out / "gpu.md").read_text())
+    print(f"checks: {len(report['checks']) - len(failed)} passed, failed: {failed or 'none'}")
 
 
 def cmd_quality(args: argparse.Namespace) -> None:
@@ -108,12 +136,14 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=("memory", "speed", "quality", "report", "all"))
+    parser.add_argument("command", choices=("memory", "speed", "peak", "gpu", "quality", "report", "all"))
     parser.add_argument("--quick", action="store_true", help="tiny models, few repeats (seconds)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for results/, RESULTS.md, PNGs")
     parser.add_argument("--shape", default="gpt2-small-2l", help="speed model (see benchmarks/models.py)")
     parser.add_argument("--rounds", type=int, default=9, help="timed steps per row (speed)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared CPU)")
+    parser.add_argument("--device", default=None, help="gpu: cuda (default when available) or cpu (plumbing)")
+    parser.add_argument("--budget", type=float, default=420.0, help="gpu: seconds for the whole check")
     parser.add_argument("--run", action="store_true", help="quality: train the missing runs (long, resumable)")
     parser.add_argument("--seeds", type=int, default=3, help="quality: seeds per row")
     parser.add_argument("--full", action="store_true", help="quality: all seeds for LLaMA and the ablations too")
@@ -123,8 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick and args.command == "quality" and args.run:
         parser.error("--quick does not train; run `python -m benchmarks quality --run` for the study")
     torch.set_num_threads(args.threads)
-    commands = {"memory": [cmd_memory], "speed": [cmd_speed], "quality": [cmd_quality], "report": [cmd_report],
-                "all": [cmd_memory, cmd_speed, cmd_quality, cmd_report]}
+    commands = {"memory": [cmd_memory], "speed": [cmd_speed], "peak": [cmd_peak], "gpu": [cmd_gpu],
+                "quality": [cmd_quality], "report": [cmd_report],
+                "all": [cmd_memory, cmd_speed, cmd_peak, cmd_quality, cmd_report]}
     for fn in commands[args.command]:
         fn(args)
 

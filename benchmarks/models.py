@@ -44,10 +44,12 @@ def config_for(name: str, **overrides) -> GPT2Config | LlamaConfig:
     return (GPT2Config if arch == "gpt2" else LlamaConfig)(**{**kwargs, **overrides})
 
 
-def build_model(name: str, device: str | torch.device = "cpu", seed: int = 0, **overrides) -> nn.Module:
-    """The model of shape ``name``; on ``device="meta"`` only shapes exist (no memory, no init cost)."""
+def build_model(
+    name: str, device: str | torch.device = "cpu", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides
+) -> nn.Module:
+    """The model of shape ``name`` in ``dtype``; on ``device="meta"`` only shapes exist (no memory, no init cost)."""
     config = config_for(name, **overrides)
     torch.manual_seed(seed)
     cls = GPT2LMHeadModel if isinstance(config, GPT2Config) else LlamaForCausalLM
     with torch.device(device):
-        return cls(config)
+        return cls(config).to(dtype)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from .quality import LR_GRID, MODELS, SCHEDULE, load_cache
+from .speed import RATIO_REFERENCES
 from .variants import ABLATION_ROWS, MAIN_ROWS, VARIANTS
 
 COMMANDS = """```bash
@@ -71,15 +72,19 @@ def speed_section(speed: dict) -> list[str]:
         f"median of {speed['rounds']} timed steps. Timer: {speed.get('timer', 'wall time')} (ratios use it; the CPU "
         f"is shared with other jobs, so wall time, shown too, swings from step to step). CPU: {m['cpu']}, "
         f"{m['cores']} cores, torch {m['torch']} with {m['torch_threads']} thread(s).", "",
-        "| optimizer | median ms | min ms | max ms | wall median ms | / Muon fp32 | / torch AdamW |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    refs = [r for r in RATIO_REFERENCES if all(f"ratio_vs_{r}" in row for row in speed["rows"].values())]
+    names = {"torch_muon": "torch.optim.Muon + AdamW", "muon_fp32": "Muon fp32", "adamw": "torch AdamW"}
+    lines += [
+        "| optimizer | median ms | min ms | max ms | wall median ms | " + " | ".join(f"/ {names[r]}" for r in refs)
+        + " |", "|---|---:|---:|---:|---:|" + "---:|" * len(refs),
     ]
     for row in speed["rows"].values():
         wall = row.get("wall_median_s")
         lines.append(
             f"| {row['label']} | {row['median_s'] * 1e3:,.1f} | {row['min_s'] * 1e3:,.1f} | "
             f"{row['max_s'] * 1e3:,.1f} | {f'{wall * 1e3:,.1f}' if wall else '-'} | "
-            f"{row['ratio_vs_muon_fp32']:.2f} | {row['ratio_vs_adamw']:.2f} |"
+            + " | ".join(f"{row[f'ratio_vs_{r}']:.2f}" for r in refs) + " |"
         )
     gpu = speed.get("gpu")
     lines += ["", "GPU: " + ("see `speed.json`" if gpu else "no GPU was available for this run; not measured."), ""]
@@ -87,7 +92,10 @@ def speed_section(speed: dict) -> list[str]:
     sizes = list(speed["stage_profile"])
     lines += ["| stage | " + " | ".join(sizes) + " |", "|---|" + "---:|" * len(sizes)]
     for stage in speed["stage_profile"][sizes[0]]:
-        cells = " | ".join(f"{speed['stage_profile'][s][stage] * 1e3:.1f}" for s in sizes)
+        if stage.startswith("work above NS"):  # a ratio, not a time
+            cells = " | ".join(f"{speed['stage_profile'][s][stage]:.0%}" for s in sizes)
+        else:
+            cells = " | ".join(f"{speed['stage_profile'][s][stage] * 1e3:.1f}" for s in sizes)
         lines.append(f"| {stage} | {cells} |")
     lines.append("")
     return lines

@@ -21,7 +21,10 @@ from muonq_hf.lowrank import power_iteration_split
 from muonq_hf.orthogonalize import zeropower_via_newtonschulz5
 
 from .models import build_model
-from .variants import MAIN_ROWS, Variant, make_optimizer
+from .variants import SPEED_ROWS, Variant, make_optimizer
+
+RATIO_REFERENCES = ("torch_muon", "muon_fp32", "adamw")
+NS_BF16 = "Newton-Schulz 5, bf16 (the default, as torch.optim.Muon)"
 
 
 def _sync(device: torch.device) -> None:
@@ -30,17 +33,19 @@ def _sync(device: torch.device) -> None:
 
 
 def step_times(
-    shape: str, variants: list[Variant] = MAIN_ROWS, warmup: int = 2, rounds: int = 7, device: str = "cpu"
+    shape: str, variants: list[Variant] = SPEED_ROWS, warmup: int = 2, rounds: int = 7, device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> dict:
-    """{variant: {"median_s", "min_s", "max_s", "wall_median_s"}} plus ratios to Muon fp32 and torch AdamW.
+    """{variant: {"median_s", "min_s", "max_s", "wall_median_s"}} plus ratios to torch.optim.Muon + AdamW (what a
+    Muon user runs today), the package's fp32 Muon and torch AdamW, for the rows that are present.
 
     ``median_s`` etc. are CPU time on CPU and wall time on CUDA.
     """
     dev = torch.device(device)
-    model = build_model(shape, device=dev)
+    model = build_model(shape, device=dev, dtype=dtype)
     gen = torch.Generator(device=dev).manual_seed(0)
     for p in model.parameters():  # fixed gradients: the step cost does not depend on their values
-        p.grad = torch.randn(p.shape, generator=gen, device=dev) * 1e-2
+        p.grad = (torch.randn(p.shape, generator=gen, device=dev) * 1e-2).to(dtype)
     optimizers = {v.name: make_optimizer(v, model, lr=1e-4) for v in variants}
     for _ in range(warmup):
         for opt in optimizers.values():
@@ -64,13 +69,14 @@ def step_times(
             "label": v.label, "median_s": statistics.median(t), "min_s": min(t), "max_s": max(t),
             "wall_median_s": statistics.median(walls[v.name]),
         }
-    for ref in ("muon_fp32", "adamw"):
+    for ref in RATIO_REFERENCES:
         if ref in rows:
             for row in rows.values():
                 row[f"ratio_vs_{ref}"] = row["median_s"] / rows[ref]["median_s"]
     n_params = sum(p.numel() for p in model.parameters())
     timer = "wall time (cuda sync)" if dev.type == "cuda" else "process CPU time"
-    return {"shape": shape, "device": device, "timer": timer, "params": n_params, "warmup": warmup, "rounds": rounds,
+    return {"shape": shape, "device": device, "dtype": str(dtype).removeprefix("torch."), "timer": timer,
+            "params": n_params, "warmup": warmup, "rounds": rounds,
             "rows": rows}
 
 
@@ -103,7 +109,8 @@ def stage_profile(m: int, n: int, rank_divisor: int = 16, repeats: int = 5, seed
         "power-iteration split (QR, R, res)": lambda: power_iteration_split(M_bar, R),
         "quantize (res, P, R)": lambda: (quantize(res, 4, 255.0), quantize(P, 4, 255.0, "column"),
                                           quantize(R, 4, 255.0, "column")),
-        "Newton-Schulz 5 (shared with Muon)": lambda: zeropower_via_newtonschulz5(M_bar),
+        NS_BF16: lambda: zeropower_via_newtonschulz5(M_bar),
+        "Newton-Schulz 5, fp32 (ns_dtype='fp32')": lambda: zeropower_via_newtonschulz5(M_bar, dtype=torch.float32),
         "plain Muon momentum (beta M + G)": lambda: 0.95 * M_bar + G,
     }
     out = {}
@@ -115,4 +122,6 @@ def stage_profile(m: int, n: int, rank_divisor: int = 16, repeats: int = 5, seed
             fn()
             t.append(time.process_time() - t0)
         out[name] = statistics.median(t)
+    above = [k for k in out if not k.startswith(("Newton-Schulz", "plain Muon"))]
+    out["work above NS / bf16 NS"] = sum(out[k] for k in above) / out[NS_BF16]
     return out

@@ -1,7 +1,9 @@
 """The optimizer rows of every benchmark: one name -> how to build that optimizer for a model.
 
 MuonQ-family rows are MuonQ with different per-group options (see ``MUON_DEFAULTS``/``ADAMW_DEFAULTS`` in
-``muonq_hf/options.py``); the baselines are torch AdamW, bitsandbytes AdamW8bit and a bf16-buffer Muon.
+``muonq_hf/options.py``); the baselines are torch AdamW, bitsandbytes AdamW8bit and a bf16-buffer Muon; the
+peers (``benchmarks/peers.py``) are what users would pick instead: torch.optim.Muon, Keller Jordan's Muon,
+torchao's low-bit AdamW and bitsandbytes as the HF Trainer runs it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import nn
 
 from muonq_hf import MuonQ, param_groups
 
+from .peers import build_peer
 from .reference_muon import MuonBF16
 
 # Plain Muon as MuonQ options: fp32 momentum, no normalization, no split, linear codec.
@@ -22,7 +25,7 @@ PLAIN = dict(normalize=False, rank_divisor=0, mu=0.0)
 
 @dataclass(frozen=True)
 class Variant:
-    """One benchmark row: ``kind`` is "adamw" (torch), "bnb" (AdamW8bit), "muonq" or "muon_bf16"."""
+    """One benchmark row: ``kind`` is "adamw" (torch), "bnb" (AdamW8bit), "muonq", "muon_bf16" or a peer."""
 
     name: str
     label: str
@@ -32,7 +35,7 @@ class Variant:
     @property
     def family(self) -> str:
         """"muon" or "adamw": the lr grid of the quality study is tuned per family."""
-        return "adamw" if self.kind in ("adamw", "bnb") else "muon"
+        return "muon" if self.kind in ("muonq", "muon_bf16", "torch_muon", "keller_muon") else "adamw"
 
 
 MAIN_ROWS = [
@@ -55,7 +58,19 @@ ABLATION_ROWS = [
     # the same algorithm without quantization: separates MuonQ's 4-bit error from its algorithmic changes
     Variant("muonq_fp32", "MuonQ fp32 (no quantization)", "muonq", dict(bits=32)),
 ]
-VARIANTS: dict[str, Variant] = {v.name: v for v in MAIN_ROWS + ABLATION_ROWS}
+PEER_ROWS = [
+    Variant("torch_muon", "torch.optim.Muon + AdamW", "torch_muon"),
+    Variant("keller_muon", "Keller Jordan's Muon + Adam", "keller_muon"),
+    Variant("bnb_adamw8bit_hf", "bnb AdamW8bit as HF runs it", "bnb_adamw8bit_hf"),
+    Variant("torchao_adamw8bit", "torchao AdamW8bit", "torchao_adamw8bit"),
+    Variant("torchao_adamw4bit", "torchao AdamW4bit", "torchao_adamw4bit"),
+]
+VARIANTS: dict[str, Variant] = {v.name: v for v in MAIN_ROWS + ABLATION_ROWS + PEER_ROWS}
+# step time: MuonQ against what users would pick instead, and the package's own fp32 Muon
+SPEED_ROWS = [VARIANTS[name] for name in (
+    "torch_muon", "keller_muon", "muonq", "muonq_adam8", "muon_fp32", "adamw", "bnb_adamw8bit_hf", "bnb_adamw8bit",
+    "torchao_adamw8bit", "torchao_adamw4bit",
+)]
 
 
 def get_variant(name: str) -> Variant:
@@ -81,5 +96,7 @@ def make_optimizer(variant: Variant, model: nn.Module, lr: float, weight_decay: 
         return bnb.optim.AdamW8bit(
             [p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay
         )
+    if variant.kind not in ("muonq", "muon_bf16"):
+        return build_peer(variant.kind, model, lr, weight_decay)
     cls = MuonBF16 if variant.kind == "muon_bf16" else MuonQ
     return cls(muon_groups(model, variant, weight_decay), lr=lr)

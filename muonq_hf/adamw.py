@@ -3,6 +3,11 @@
 One function for every backend: a single process and the DDP row owners pass the parameter (or a row slice
 of it), FSDP2 its local shard, DeepSpeed its flat fp32 partition; ``quantized`` is decided from the whole
 parameter's shape (``muonq_hf.state.adamw_quantized``), so every backend stores the same kind of moments.
+
+8-bit moments are decoded, updated and encoded again in chunks of rows (``CHUNK_ELEMENTS``): the blocks of the
+codec run along rows, so a chunk's codes are exactly those of the whole tensor, and the step's extra memory is
+a few fp32 copies of one chunk instead of the whole tensor (a 525M-element embedding + head would otherwise
+decode into 4 GB of fp32 temporaries).
 """
 
 from __future__ import annotations
@@ -14,38 +19,54 @@ import torch
 from .codecs import dequantize_dynamic8, quantize_dynamic8
 from .state import ADAMW_8BIT_BLOCK, ADAMW_MOMENTS, moment_codebook
 
+CHUNK_ELEMENTS = 1 << 20  # rows of 8-bit moments are processed in chunks of about this many elements (4 MiB fp32)
+
 
 def adamw_step(weight: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, quantized: bool) -> None:
     """One AdamW step of ``weight`` (any shape, viewed as (rows, rest) when ``quantized``), state in place."""
-    grad = grad.float()
     if not state:
         state["step"] = torch.tensor(0.0)
+        rows, cols = weight.shape[0], weight[0].numel()
         for k in ADAMW_MOMENTS:
             if quantized:
-                zeros = torch.zeros_like(grad).reshape(weight.shape[0], -1)
-                book = moment_codebook(k, grad.device)
-                state[f"{k}_codes"], state[f"{k}_absmax"] = quantize_dynamic8(zeros, book, ADAMW_8BIT_BLOCK)
+                state[f"{k}_codes"], state[f"{k}_absmax"] = zero_moment(k, rows, cols, grad.device)
             else:
-                state[k] = torch.zeros_like(grad)
-    beta1, beta2 = group["betas"]
+                state[k] = torch.zeros_like(grad, dtype=torch.float32)
     state["step"] += 1
     step = state["step"].item()  # a CPU scalar: no device sync
-    if quantized:
-        exp_avg, exp_avg_sq = (
-            dequantize_dynamic8(state[f"{k}_codes"], state[f"{k}_absmax"], moment_codebook(k, grad.device)).view(
-                weight.shape
-            )
-            for k in ADAMW_MOMENTS
-        )
-    else:
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    if not quantized:
+        _update(weight, grad.float(), state["exp_avg"], state["exp_avg_sq"], group, step)
+        return
+    W, G = weight.view(weight.shape[0], -1), grad.view(grad.shape[0], -1)  # (rows, cols)
+    books = [moment_codebook(k, grad.device) for k in ADAMW_MOMENTS]
+    rows = max(1, CHUNK_ELEMENTS // max(1, W.size(1)))
+    for start in range(0, W.size(0), rows):
+        chunk = slice(start, start + rows)
+        codes = [state[f"{k}_codes"][chunk] for k in ADAMW_MOMENTS]
+        absmax = [state[f"{k}_absmax"][chunk] for k in ADAMW_MOMENTS]
+        exp_avg, exp_avg_sq = (dequantize_dynamic8(c, a, b) for c, a, b in zip(codes, absmax, books, strict=True))
+        _update(W[chunk], G[chunk].float(), exp_avg, exp_avg_sq, group, step)  # (chunk rows, cols)
+        for k, value, book in zip(ADAMW_MOMENTS, (exp_avg, exp_avg_sq), books, strict=True):
+            state[f"{k}_codes"][chunk], state[f"{k}_absmax"][chunk] = quantize_dynamic8(value, book, ADAMW_8BIT_BLOCK)
+
+
+def zero_moment(key: str, rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8-bit codes and block absmax of an all-zero moment, as ``quantize_dynamic8`` of zeros gives them
+    (absmax clamped to 1e-12, every code the map's zero), filled directly: quantizing a zero embedding of 500M
+    elements would take gigabytes of temporaries at the first step."""
+    zero = torch.zeros(1, 1, device=device)
+    code, absmax = quantize_dynamic8(zero, moment_codebook(key, device), ADAMW_8BIT_BLOCK)  # (1, 1) each
+    blocks = -(-cols // ADAMW_8BIT_BLOCK)
+    return code.expand(rows, cols).contiguous(), absmax.expand(rows, blocks).contiguous()
+
+
+def _update(
+    weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, group: dict, step: float
+) -> None:
+    """torch's AdamW on one tensor (or one chunk of rows): moments in place, then the weight."""
+    beta1, beta2 = group["betas"]
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    if quantized:
-        for k, value in zip(ADAMW_MOMENTS, (exp_avg, exp_avg_sq), strict=True):
-            state[f"{k}_codes"], state[f"{k}_absmax"] = quantize_dynamic8(
-                value.reshape(weight.shape[0], -1), moment_codebook(k, grad.device), ADAMW_8BIT_BLOCK
-            )
     bias1, bias2 = 1 - beta1**step, 1 - beta2**step
     denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(group["eps"])
     weight.mul_(1 - group["lr"] * group["weight_decay"])

@@ -25,12 +25,24 @@ def state_kind(key: str) -> str:
     return "other"
 
 
+def _storages(value: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that hold ``value``: a DTensor's local shard, a wrapper subclass's inner tensors
+    (torchao's 4/8-bit optimizer states: codes, scales, map), else the tensor itself."""
+    if hasattr(value, "to_local"):
+        return [value.to_local()]
+    if type(value) is not torch.Tensor and hasattr(value, "__tensor_flatten__"):
+        names, _ = value.__tensor_flatten__()
+        return [t for name in names for t in _storages(getattr(value, name))]
+    return [value]
+
+
 def state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, int] | int]:
     """Bytes of every state tensor, split by group kind ("muon"/"adamw") and tensor kind.
 
     Returns {"muon": {kind: bytes, ..., "total": b}, "adamw": {...}, "total": b}. The step counters are
-    "other". Works for any torch optimizer (groups without ``use_muon`` count as "adamw"). A tensor shared by
-    several parameters' states (bitsandbytes' quantization maps) is counted once.
+    "other". Works for any torch optimizer (groups without ``use_muon`` count as "adamw"), tensor subclasses
+    included (their inner tensors are counted). A tensor shared by several parameters' states (bitsandbytes'
+    and torchao's quantization maps) is counted once.
     """
     report: dict[str, dict[str, int]] = {g: {k: 0 for k in (*KINDS, "total")} for g in ("muon", "adamw")}
     seen: set[tuple[int, int]] = set()
@@ -40,14 +52,14 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, int] | 
             for key, value in optimizer.state.get(p, {}).items():
                 if not torch.is_tensor(value):
                     continue
-                local = value.to_local() if hasattr(value, "to_local") else value
-                storage = (local.data_ptr(), local.numel())
-                if local.numel() and storage in seen:
-                    continue
-                seen.add(storage)
-                n = local.numel() * local.element_size()
-                part[state_kind(key)] += n
-                part["total"] += n
+                for local in _storages(value):
+                    storage = (local.data_ptr(), local.numel())
+                    if local.numel() and storage in seen:
+                        continue
+                    seen.add(storage)
+                    n = local.numel() * local.element_size()
+                    part[state_kind(key)] += n
+                    part["total"] += n
     return {**report, "total": report["muon"]["total"] + report["adamw"]["total"]}
 
 

@@ -12,7 +12,7 @@ from benchmarks.memory import analytic_bytes, memory_table, verify_analytic
 from benchmarks.models import build_model, config_for
 from benchmarks.quality import optim_flags
 from benchmarks.reference_muon import MuonBF16
-from benchmarks.variants import VARIANTS, get_variant, make_optimizer
+from benchmarks.variants import ABLATION_ROWS, MAIN_ROWS, PEER_ROWS, get_variant, make_optimizer
 from muonq_hf import MuonQ, param_groups
 
 
@@ -33,7 +33,7 @@ def test_analytic_state_bytes_equal_real_state_tensors(shape, one_thread):
     tied embedding; llama-tiny has GQA projections of unequal shapes and RMSNorm weights.
     """
     result = verify_analytic(shape)
-    assert set(result) == set(VARIANTS)
+    assert set(result) == {v.name for v in MAIN_ROWS + ABLATION_ROWS}
     mismatched = {name: counts for name, counts in result.items() if counts[0] != counts[1]}
     assert not mismatched
 
@@ -88,8 +88,10 @@ def test_cli_quick_mode_writes_results_and_report(tmp_path, one_thread):
     assert all(v["equal"] for v in memory["verification"].values())
     speed = json.loads((tmp_path / "results" / "speed.json").read_text())
     assert set(speed["rows"]) == {"adamw", "bnb_adamw8bit", "muon_fp32", "muon_bf16", "naive4",
-                                  "muon8_block2048", "muonq", "muonq_adam8"}
+                                  "muon8_block2048", "muonq", "muonq_adam8", "torch_muon", "keller_muon",
+                                  "bnb_adamw8bit_hf"}
     assert speed["rows"]["muon_fp32"]["ratio_vs_muon_fp32"] == 1.0
+    assert speed["rows"]["torch_muon"]["ratio_vs_torch_muon"] == 1.0
     assert all(row["median_s"] > 0 for row in speed["rows"].values())
     report = (tmp_path / "RESULTS.md").read_text()
     assert "## Memory" in report and "## Speed" in report and (tmp_path / "memory.png").stat().st_size > 0
@@ -152,3 +154,47 @@ def test_each_model_rows_use_that_model_s_own_best_lr():
     assert all(r.lr == best["llama", r.variant.family] for r in llama_rows)
     assert all(r.lr == best["gpt2", r.variant.family] for p in plan[1:] for r in p if r.model == "gpt2")
     assert summarize(cache)["lr"] == {m: {f: best[m, f] for f in LR_GRID} for m in ("gpt2", "llama")}
+
+
+@pytest.mark.parametrize("name", [v.name for v in PEER_ROWS])
+def test_peer_rows_build_the_optimizer_users_run_and_step(name, one_thread):
+    """Each peer trains the tiny model (its loss drops over a few steps) and keeps the state it should: Muon
+    momentum on MuonQ's Muon matrices only, bnb as HF runs it with 32-bit state for the embeddings."""
+    from benchmarks.models import build_model
+    from benchmarks.variants import get_variant, make_optimizer
+
+    model = build_model("gpt2-tiny")
+    opt = make_optimizer(get_variant(name), model, lr=3e-3)
+    ids = torch.randint(0, 4096, (2, 32), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(4):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    if name == "bnb_adamw8bit_hf":
+        wte = model.transformer.wte.weight
+        assert opt.state[wte]["state1"].dtype == torch.float32  # the Trainer's 32-bit override for embeddings
+        fc = model.transformer.h[0].mlp.c_fc.weight
+        assert opt.state[fc]["state1"].dtype == torch.uint8
+    if name in ("torch_muon", "keller_muon"):
+        muon_state = [p for g in opt.param_groups if g.get("use_muon") or "adjust_lr_fn" in g for p in g["params"]]
+        assert muon_state and all("momentum_buffer" in opt.state[p] for p in muon_state)
+        assert all(p is not model.transformer.wte.weight for p in muon_state)  # embeddings stay with AdamW
+
+
+def test_gpu_check_runs_its_code_paths_on_cpu(tmp_path, one_thread):
+    """`python -m benchmarks gpu` is the one command a GPU session runs: its checks, speed and peak tables run
+    here on the CPU (device cpu, tiny shapes), write gpu.json and gpu.md, and every check passes."""
+    main(["gpu", "--out", str(tmp_path), "--device", "cpu", "--quick"])
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    assert set(report["checks"]) == {"codec_4bit", "newton_schulz_bf16", "optimizer_vs_cpu", "resume_bit_exact",
+                                     "adamw_8bit_codec"}
+    assert all(r["ok"] for r in report["checks"].values()), report["checks"]
+    rows = report["speed"]["gpt2-tiny"]["rows"]
+    assert {"torch_muon", "muonq", "muonq_adam8"} <= set(rows) and rows["torch_muon"]["ratio_vs_torch_muon"] == 1.0
+    peak = report["peak"]["gpt2-tiny"]["rows"]
+    assert peak["none"]["state"] == 0 and all(r["peak"] > 0 for r in peak.values())
+    assert "## Checks" in (tmp_path / "gpu.md").read_text()

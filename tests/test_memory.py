@@ -1,5 +1,6 @@
 """state_bytes counts the tensors themselves; the MuonQ state of GPT-2-small matrices is >= 7x below fp32."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -83,3 +84,16 @@ def test_state_bytes_counts_bitsandbytes_shared_qmaps_once():
     absmax = 2 * 4 * (8192 // 256)  # fp32 per 256-element block, two moments
     qmaps = 2 * 256 * 4
     assert state_bytes(opt)["total"] == 2 * (codes + absmax) + qmaps + 2 * 10 * 4
+
+
+def test_state_bytes_counts_the_inner_tensors_of_torchao_states():
+    """torchao keeps each moment in a tensor subclass (codes, scales, a shared 16-entry map) whose data_ptr is 0:
+    counted as tensors they all looked like one storage. Expected for a (512, 1024) weight, 4-bit, block 128:
+    per moment 512*1024/2 code bytes + 4096 fp32 scales; the map (64 bytes) once per moment; the step 4 bytes."""
+    torchao_optim = pytest.importorskip("torchao.optim")
+    p = torch.nn.Parameter(torch.randn(512, 1024))
+    p.grad = torch.randn_like(p)
+    opt = torchao_optim.AdamW4bit([p])
+    opt.step()
+    per_moment = 512 * 1024 // 2 + 4096 * 4 + 16 * 4
+    assert state_bytes(opt)["total"] == 2 * per_moment + 4, state_bytes(opt)

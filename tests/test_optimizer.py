@@ -310,3 +310,42 @@ def test_adamw_8bit_tracks_fp32_adamw_and_stores_uint8():
     assert st["exp_avg_codes"].dtype == torch.uint8 and st["exp_avg_absmax"].shape == (64, 1)
     d8, d32 = p8.data - init, p32.data - init
     assert (d8 - d32).norm() < 0.05 * d32.norm()
+
+
+def test_adamw_8bit_in_row_chunks_is_bit_identical_to_one_chunk(monkeypatch):
+    """The 8-bit AdamW step decodes, updates and encodes chunks of rows (bounded transient memory): the codec's
+    blocks run along rows, so any chunking gives the codes, scales and weights of the whole tensor at once."""
+    import muonq_hf.adamw as adamw
+
+    torch.manual_seed(0)
+    init = torch.randn(40, 600)  # 3 blocks of 256 per row (the last one partial)
+    grads = grads_for([(40, 600)], 4)
+    results = []
+    for chunk in (10**9, 7 * 600, 600):  # one chunk, 6 chunks of 7 rows (the last of 5), 40 chunks of 1 row
+        monkeypatch.setattr(adamw, "CHUNK_ELEMENTS", chunk)
+        p = nn.Parameter(init.clone())
+        opt = MuonQ([dict(params=[p])], lr=1e-2, adamw_bits=8, weight_decay=0.1)
+        run_optimizer(opt, [p], grads)
+        results.append((p.data.clone(), {k: v.clone() for k, v in opt.state[p].items()}))
+    (w0, s0), *others = results
+    assert not torch.equal(w0, init)
+    for w, s in others:
+        assert torch.equal(w, w0), (w - w0).abs().max()
+        assert s.keys() == s0.keys() and all(torch.equal(s[k], s0[k]) for k in s0), [
+            k for k in s0 if not torch.equal(s[k], s0[k])]
+
+
+def test_8bit_moments_start_as_the_codes_of_zero():
+    """The first step fills the 8-bit state directly (no fp32 zeros to quantize): the same codes and absmax as
+    quantizing zeros, for both moments, a width that is not a multiple of the block and one below it."""
+    from muonq_hf.adamw import zero_moment
+    from muonq_hf.codecs import quantize_dynamic8
+    from muonq_hf.state import ADAMW_8BIT_BLOCK, moment_codebook
+
+    for key in ("exp_avg", "exp_avg_sq"):
+        for rows, cols in ((3, 600), (5, 17)):
+            codes, absmax = zero_moment(key, rows, cols, torch.device("cpu"))
+            ref_codes, ref_absmax = quantize_dynamic8(torch.zeros(rows, cols), moment_codebook(key, "cpu"),
+                                                      ADAMW_8BIT_BLOCK)
+            assert codes.dtype == ref_codes.dtype and torch.equal(codes, ref_codes), (key, rows, cols)
+            assert absmax.dtype == ref_absmax.dtype and torch.equal(absmax, ref_absmax), (key, rows, cols)

@@ -1,0 +1,204 @@
+"""The GPU check: one command, bounded in time, that checks MuonQ on CUDA and measures it against its peers.
+
+    python -m benchmarks gpu --out DIR [--budget 420]          # on a machine with a GPU
+    python -m benchmarks gpu --out DIR --device cpu --quick    # the same code paths on CPU (tested in CI)
+
+1. Checks (seconds): the 4-bit codec, bf16 Newton-Schulz, MuonQ against MuonQ on the CPU (fp32 NS: equal to
+   1e-4; default bf16 NS: within 3%), a bit-exact resume through ``state_dict``, the 8-bit AdamW codec. Each
+   check reports what it compared and by how much it differed.
+2. Step time (``benchmarks.speed.step_times``, wall time after a CUDA sync) in bf16 on GPT-2 small and on a
+   ~1B LLaMA shape, MuonQ against torch.optim.Muon, Keller Jordan's Muon, torchao and bitsandbytes.
+3. Peak memory (``benchmarks.peak``, ``torch.cuda.max_memory_allocated``, one process per row) of 3 bf16
+   training steps of GPT-2 small.
+
+Everything is written to DIR after each part (``gpu.json``, ``gpu.md``), so a run stopped by its time limit
+still returns what it measured; parts that would start after ``--budget`` seconds are skipped and say so.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from muonq_hf import MuonQ, param_groups
+from muonq_hf.codecs import dequantize, dequantize_dynamic8, dynamic_codebook, quantize, quantize_dynamic8
+from muonq_hf.orthogonalize import zeropower_via_newtonschulz5
+
+from .models import build_model
+from .peak import run_rows
+from .speed import step_times
+from .variants import VARIANTS
+
+GPU_SPEED_ROWS = ("torch_muon", "keller_muon", "muonq", "muonq_adam8", "adamw", "bnb_adamw8bit_hf",
+                  "torchao_adamw8bit")
+GPU_PEAK_ROWS = ("none", "adamw", "bnb_adamw8bit_hf", "torchao_adamw8bit", "torch_muon", "muonq", "muonq_adam8")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm().clamp(min=1e-30))
+
+
+# --------------------------------------------------------------------------------------------- checks
+def check_codec(dev: torch.device) -> dict:
+    """4-bit mu-law codes of one matrix on ``dev`` against the CPU's: the same codes but for rounding ties."""
+    x = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
+    x = x / x.norm()
+    codes_cpu, scale_cpu = quantize(x, 4, 255.0)
+    codes_dev, scale_dev = quantize(x.to(dev), 4, 255.0)
+    same = float((codes_dev.cpu() == codes_cpu).float().mean())
+    err = _rel(dequantize(codes_dev, scale_dev, 512, 4, 255.0), dequantize(codes_cpu, scale_cpu, 512, 4, 255.0))
+    return {"ok": same > 0.999 and err < 1e-2, "codes_equal_fraction": same, "decoded_rel_diff": err}
+
+
+def check_newton_schulz(dev: torch.device) -> dict:
+    """bf16 NS on ``dev`` against fp32 NS on the CPU: the same direction (cosine > 0.99)."""
+    G = torch.randn(384, 768, generator=torch.Generator().manual_seed(1))
+    X = zeropower_via_newtonschulz5(G.to(dev)).float().cpu()
+    ref = zeropower_via_newtonschulz5(G, dtype=torch.float32)
+    cos = float((X * ref).sum() / (X.norm() * ref.norm()))
+    return {"ok": cos > 0.99, "cosine_to_cpu_fp32": cos}
+
+
+def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
+    for step in steps:
+        ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(step))
+        ids = ids.to(next(model.parameters()).device)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def check_optimizer(dev: torch.device) -> dict:
+    """5 MuonQ steps of a tiny GPT-2 on ``dev`` against the same on the CPU (dropout off): with fp32 NS the
+    updates agree to 2e-3 (float reduction order, and the rare 4-bit code it flips at a rounding tie); with the
+    default bf16 NS within 3% (tests/test_optimizer.py measures 1.7% for bf16 against fp32 on the CPU)."""
+    out: dict = {}
+    for ns_dtype, tol in (("fp32", 2e-3), ("bf16", 3e-2)):
+        weights = []
+        for device in (torch.device("cpu"), dev):
+            model = build_model("gpt2-tiny", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).to(device)
+            opt = MuonQ(param_groups(model), lr=0.01, ns_dtype=ns_dtype)
+            start = {n: p.detach().clone().cpu() for n, p in model.named_parameters()}
+            _train(model, opt, range(5))
+            weights.append({n: p.detach().cpu() - start[n] for n, p in model.named_parameters()})
+        diff = max(_rel(weights[1][n], weights[0][n]) for n in weights[0])
+        out[f"update_rel_diff_ns_{ns_dtype}"] = diff
+        out[f"ok_{ns_dtype}"] = diff < tol
+    out["ok"] = out["ok_fp32"] and out["ok_bf16"]
+    return out
+
+
+def check_resume(dev: torch.device) -> dict:
+    """Train 3 steps, save ``state_dict``, load it into a fresh optimizer, train 2 more: bit-identical to 5 steps."""
+    model = build_model("gpt2-tiny", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).to(dev)
+    twin = copy.deepcopy(model)
+    opt = MuonQ(param_groups(model), lr=0.01, adamw_bits=8)
+    _train(model, opt, range(3))
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    _train(model, opt, range(3, 5))
+    twin.load_state_dict(saved_model)
+    opt2 = MuonQ(param_groups(twin), lr=0.01, adamw_bits=8)
+    opt2.load_state_dict(saved_opt)
+    _train(twin, opt2, range(3, 5))
+    pairs = zip(model.parameters(), twin.parameters(), strict=True)
+    worst = max(float((p.detach() - q.detach()).abs().max()) for p, q in pairs)
+    return {"ok": worst == 0.0, "max_abs_weight_diff": worst}
+
+
+def check_adamw8(dev: torch.device) -> dict:
+    """The blockwise 8-bit AdamW codec on ``dev``: the CPU's codes (the same nearest-entry search)."""
+    x = torch.randn(64, 1000, generator=torch.Generator().manual_seed(2))
+    book_cpu, book_dev = dynamic_codebook(True), dynamic_codebook(True, dev)
+    codes_cpu, absmax_cpu = quantize_dynamic8(x, book_cpu)
+    codes_dev, absmax_dev = quantize_dynamic8(x.to(dev), book_dev)
+    same = float((codes_dev.cpu() == codes_cpu).float().mean())
+    decoded = dequantize_dynamic8(codes_dev, absmax_dev, book_dev)
+    err = _rel(decoded, dequantize_dynamic8(codes_cpu, absmax_cpu, book_cpu))
+    return {"ok": same > 0.999 and err < 1e-3, "codes_equal_fraction": same, "decoded_rel_diff": err}
+
+
+CHECKS: dict[str, Callable[[torch.device], dict]] = {
+    "codec_4bit": check_codec, "newton_schulz_bf16": check_newton_schulz, "optimizer_vs_cpu": check_optimizer,
+    "resume_bit_exact": check_resume, "adamw_8bit_codec": check_adamw8,
+}
+
+
+# ---------------------------------------------------------------------------------------------- run
+def markdown(report: dict) -> str:
+    lines = [f"# GPU check: {report['device_name']}", "", f"Command: `{report['command']}`", "", "## Checks", "",
+             "| check | ok | figures |", "|---|---|---|"]
+    for name, r in report["checks"].items():
+        figures = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items() if k != "ok")
+        lines.append(f"| {name} | {'yes' if r.get('ok') else 'NO'} | {figures} |")
+    for shape, speed in report["speed"].items():
+        if "skipped" in speed:
+            lines += ["", f"## Step time, {shape}: skipped ({speed['skipped']})"]
+            continue
+        lines += ["", f"## Step time, {shape} ({speed['dtype']}, {speed['timer']})", "",
+                  "| optimizer | median ms | / torch.optim.Muon + AdamW |", "|---|---:|---:|"]
+        for row in speed["rows"].values():
+            ratio = row.get("ratio_vs_torch_muon")
+            lines.append(f"| {row['label']} | {row['median_s'] * 1e3:.2f} | {f'{ratio:.2f}' if ratio else '-'} |")
+    for shape, peak in report["peak"].items():
+        if "skipped" in peak:
+            lines += ["", f"## Peak memory, {shape}: skipped ({peak['skipped']})"]
+            continue
+        lines += ["", f"## Peak memory, {shape} (3 training steps, batch 1 x 128)", "",
+                  "| optimizer | peak MiB | step extra MiB | state MiB |", "|---|---:|---:|---:|"]
+        for row, r in peak["rows"].items():
+            if "error" in r:
+                lines.append(f"| {VARIANTS[row].label if row in VARIANTS else row} | {r['error']} | | |")
+                continue
+            label = VARIANTS[row].label if row in VARIANTS else "no optimizer (forward + backward)"
+            lines.append(f"| {label} | {r['peak'] / 2**20:.0f} | {r['step_extra'] / 2**20:.0f} | "
+                         f"{r['state'] / 2**20:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(out: Path, device: str, quick: bool, budget: float, command: str) -> dict:
+    """Run the checks, then as much of the speed and peak tables as fits in ``budget`` seconds."""
+    start = time.time()
+    dev = torch.device(device)
+    out.mkdir(parents=True, exist_ok=True)
+    name = torch.cuda.get_device_name(0) if dev.type == "cuda" else "CPU (plumbing run)"
+    report: dict = {"device": device, "device_name": name, "command": command, "torch": torch.__version__,
+                    "checks": {}, "speed": {}, "peak": {}}
+
+    def save() -> None:
+        report["elapsed_s"] = time.time() - start
+        (out / "gpu.json").write_text(json.dumps(report, indent=1))
+        (out / "gpu.md").write_text(markdown(report))
+
+    for check, fn in CHECKS.items():
+        try:
+            report["checks"][check] = fn(dev)
+        except Exception as exc:  # a failed check is a finding to report, not a reason to lose the others
+            report["checks"][check] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        save()
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    speed_shapes = ["gpt2-tiny"] if quick else ["gpt2-small", "llama-1b"]
+    for shape in speed_shapes:
+        if time.time() - start > budget * 0.6:
+            report["speed"][shape] = {"skipped": f"past 60% of the {budget:.0f} s budget"}
+            continue
+        # torchao compiles its step per parameter shape: on the 1B shape that alone would take minutes
+        rows = [VARIANTS[r] for r in GPU_SPEED_ROWS if not ((quick or shape == "llama-1b") and r.startswith("torchao"))]
+        report["speed"][shape] = step_times(shape, rows, warmup=1 if quick else 2, rounds=2 if quick else 5,
+                                            device=device, dtype=dtype)
+        save()
+    peak_shape = "gpt2-tiny" if quick else "gpt2-small"
+    rows = [r for r in GPU_PEAK_ROWS if not (quick and r.startswith("torchao"))][: 3 if quick else None]
+    left = budget - (time.time() - start)
+    if left < 30:
+        report["peak"][peak_shape] = {"skipped": f"{left:.0f} s of the {budget:.0f} s budget left"}
+    else:
+        report["peak"][peak_shape] = {"rows": run_rows(rows, peak_shape, steps=3, device=device, batch=1, seq=128,
+                                                       threads=2, dtype=str(dtype).removeprefix("torch."),
+                                                       timeout=left / len(rows))}
+    save()
+    return report
