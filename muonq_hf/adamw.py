@@ -24,9 +24,9 @@ CHUNK_ELEMENTS = 1 << 20  # rows of 8-bit moments are processed in chunks of abo
 
 def adamw_step(weight: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, quantized: bool) -> None:
     """One AdamW step of ``weight`` (any shape, viewed as (rows, rest) when ``quantized``), state in place."""
+    rows, cols = weight.shape[0], math.prod(weight.shape[1:])  # the codec's view; a shard may hold no rows
     if not state:
         state["step"] = torch.tensor(0.0)
-        rows, cols = weight.shape[0], weight[0].numel()
         for k in ADAMW_MOMENTS:
             if quantized:
                 state[f"{k}_codes"], state[f"{k}_absmax"] = zero_moment(k, rows, cols, grad.device)
@@ -37,11 +37,11 @@ def adamw_step(weight: torch.Tensor, grad: torch.Tensor, state: dict, group: dic
     if not quantized:
         _update(weight, grad.float(), state["exp_avg"], state["exp_avg_sq"], group, step)
         return
-    W, G = weight.view(weight.shape[0], -1), grad.view(grad.shape[0], -1)  # (rows, cols)
+    W, G = weight.view(rows, cols), grad.view(rows, cols)  # (rows, cols)
     books = [moment_codebook(k, grad.device) for k in ADAMW_MOMENTS]
-    rows = max(1, CHUNK_ELEMENTS // max(1, W.size(1)))
-    for start in range(0, W.size(0), rows):
-        chunk = slice(start, start + rows)
+    per_chunk = max(1, CHUNK_ELEMENTS // max(1, cols))  # rows
+    for start in range(0, rows, per_chunk):
+        chunk = slice(start, start + per_chunk)
         codes = [state[f"{k}_codes"][chunk] for k in ADAMW_MOMENTS]
         absmax = [state[f"{k}_absmax"][chunk] for k in ADAMW_MOMENTS]
         exp_avg, exp_avg_sq = (dequantize_dynamic8(c, a, b) for c, a, b in zip(codes, absmax, books, strict=True))

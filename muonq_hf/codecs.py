@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels import fused
+
 QMAX = {4: 7, 8: 127}
 SCALE_FLOOR = 2.0**-24  # the smallest positive fp16 (a 1e-8 floor was 0 in fp16)
 
@@ -120,8 +122,25 @@ def quantize(
     group gets a usable scale); q = round(y / s). codes are uint8, packed two per byte
     along the last dim for 4 bits ((..., m, ceil(n/2))), int8 viewed as uint8 for 8 bits ((..., m, n)).
     ``group_max`` reduces the per-group max|C(x)| of matrix and column groups across the ranks that hold
-    row shards of x (all-reduce max); block groups lie within rows and need no reduction.
+    row shards of x (all-reduce max); block groups lie within rows and need no reduction. Without a reduction
+    and with round-to-nearest this runs as one fused kernel (``muonq_hf.kernels``).
     """
+    if group_max is None and not stochastic:
+        return _quantize_fused(x, bits, mu, granularity, block_size, scale_dtype)
+    return _quantize(x, bits, mu, granularity, block_size, scale_dtype, stochastic, generator, group_max)
+
+
+def _quantize(
+    x: torch.Tensor,
+    bits: int,
+    mu: float,
+    granularity: str,
+    block_size: int | None,
+    scale_dtype: torch.dtype,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
+    group_max: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     qmax = QMAX[bits]
     y = compand(x.float(), mu)
     absmax = _group_absmax(y, granularity, block_size)
@@ -132,6 +151,9 @@ def quantize(
     q = round_codes(y / s, qmax, stochastic, generator)
     codes = pack4(q) if bits == 4 else q.view(torch.uint8)
     return codes, scale
+
+
+_quantize_fused = fused(_quantize)
 
 
 def dequantize(

@@ -10,7 +10,8 @@ import torch
 RowSum = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _identity(t: torch.Tensor) -> torch.Tensor:
+def no_reduction(t: torch.Tensor) -> torch.Tensor:
+    """The ``RowSum`` of a matrix held whole by one process (no shards to reduce over)."""
     return t
 
 
@@ -19,7 +20,7 @@ def rank_for(m: int, n: int, rank_divisor: int) -> int:
     return min(m, n) // rank_divisor if rank_divisor > 0 else 0
 
 
-def orthonormalize_columns(P: torch.Tensor, row_sum: RowSum = _identity) -> torch.Tensor:
+def orthonormalize_columns(P: torch.Tensor, row_sum: RowSum = no_reduction) -> torch.Tensor:
     """Orthonormal basis of the column space of P (..., m, r), computed from the r x r Gram matrix.
 
     Cholesky-QR: G = P^T P = L L^T, Q = P L^-T. It needs only the (all-reduced) Gram matrix, so a
@@ -41,16 +42,26 @@ def orthonormalize_columns(P: torch.Tensor, row_sum: RowSum = _identity) -> torc
     return P @ (evecs * inv_sqrt.unsqueeze(-2))
 
 
+def product(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A @ B with the inputs in ``dtype`` (fp32 accumulation), in ``dtype``: adding it to an fp32 tensor promotes
+    it on the fly, without a separate fp32 copy of the (m, n) product."""
+    return A.to(dtype) @ B.to(dtype)
+
+
 def power_iteration_split(
-    M: torch.Tensor, R_prev: torch.Tensor, row_sum: RowSum = _identity
+    M: torch.Tensor, R_prev: torch.Tensor, row_sum: RowSum = no_reduction, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One warm-started power-iteration step: M (..., m, n) ~ P R^T + res.
 
     R_prev (..., n, r) is last step's right factor (or a seeded Gaussian on the first step).
     Returns P (..., m, r) with orthonormal columns, R = M^T P (..., n, r) and res = M - P R^T (..., m, n).
+    The two row-wise products (M Q and P R^T) take their inputs in ``dtype`` (bf16 where the results are stored
+    in 4 or 8 bits: its 0.4% rounding is far below a code's step); R = M^T P and the r x r Gram matrix, which
+    sum over rows, stay fp32.
     """
     Q = R_prev / (R_prev.norm(dim=-2, keepdim=True) + 1e-7)  # (..., n, r) column-normalized warm start
-    P = orthonormalize_columns(M @ Q, row_sum)  # (..., m, r)
-    R = row_sum(M.mT @ P)  # (..., n, r)
-    res = M - P @ R.mT  # (..., m, n)
+    P = orthonormalize_columns(product(M, Q, dtype).float(), row_sum)  # (..., m, r)
+    # R sums over the rows, which FSDP2 holds in shards: fp32, so that partial sums are not rounded to bf16
+    R = row_sum((P.mT @ M).mT)  # (..., n, r) = (P^T M)^T: M stays the contiguous operand
+    res = M - product(P, R.mT, dtype)  # (..., m, n)
     return P, R, res

@@ -18,19 +18,30 @@ from collections.abc import Callable
 
 import torch
 
-from .lowrank import RowSum, power_iteration_split
+from .kernels import fused
+from .lowrank import RowSum, no_reduction, power_iteration_split
 from .matrices import MatrixPlan
 from .orthogonalize import NS_DTYPES, muon_scale, zeropower_via_newtonschulz5
 from .state import QuantizedMomentum, generator
 
 
-def _identity(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
 def frobenius(x: torch.Tensor, row_sum: RowSum) -> torch.Tensor:
     """Frobenius norm of each matrix of x (c, rows, cols) -> (c, 1, 1), reduced over row shards."""
     return row_sum(x.square().sum(dim=(-2, -1), keepdim=True)).sqrt()
+
+
+def _normalized_update(
+    G: torch.Tensor, M_prev: torch.Tensor, beta: float, normalize: bool, row_sum: RowSum
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """G_hat = G / ||G||, M = beta M_prev + G_hat, M_bar = M / ||M|| (without ``normalize``: G, M, M and no norm)."""
+    G_hat = G / (frobenius(G, row_sum) + 1e-7) if normalize else G  # pre-quantization normalization
+    M = beta * M_prev + G_hat  # (c, L, cols)
+    norm = frobenius(M, row_sum) if normalize else None  # (c, 1, 1)
+    M_bar = M / (norm + 1e-7) if normalize else M
+    return G_hat, M_bar, norm
+
+
+_normalized_update_fused = fused(_normalized_update)  # one process: no reduction inside, one fused kernel
 
 
 # ------------------------------------------------------------------------ one batch of matrices
@@ -41,8 +52,8 @@ def muonq_momentum(
     pieces: dict,
     R_init: Callable[[int, int], torch.Tensor],
     rounding_key: tuple[int, ...],
-    row_sum: RowSum = _identity,
-    row_max: RowSum = _identity,
+    row_sum: RowSum = no_reduction,
+    row_max: RowSum = no_reduction,
 ) -> torch.Tensor:
     """The MuonQ momentum step of batch b, G (c, L, cols) of same-shape matrices; returns the NS input.
 
@@ -64,13 +75,11 @@ def muonq_momentum(
         if bool(dead.any()):  # (a rank-deficient momentum, e.g. a zero first gradient): re-seed them from the
             R_prev = torch.where(dead, R_init(cols, r).to(G.device), R_prev)  # keyed Gaussian, so the split recovers
 
-    G_hat = G / (frobenius(G, row_sum) + 1e-7) if normalize else G  # pre-quantization normalization
-    M = beta * M_prev + G_hat  # (c, L, cols)
-    norm = frobenius(M, row_sum) if normalize else None  # (c, 1, 1)
-    M_bar = M / (norm + 1e-7) if normalize else M
+    update = _normalized_update_fused if row_sum is no_reduction else _normalized_update
+    G_hat, M_bar, norm = update(G, M_prev, beta, normalize, row_sum)  # (c, L, cols), (c, L, cols), (c, 1, 1)
 
     if r:
-        P, R, res = power_iteration_split(M_bar, R_prev, row_sum)  # (c, L, r), (c, cols, r), (c, L, cols)
+        P, R, res = power_iteration_split(M_bar, R_prev, row_sum, momentum.product_dtype)  # (c,L,r), (c,cols,r)
     else:
         P = R = None
         res = M_bar
@@ -87,8 +96,8 @@ def momentum_step(
     start: int = 0,
     count: int | None = None,
     experts: tuple[int, int] | None = None,
-    row_sum: RowSum = _identity,
-    row_max: RowSum = _identity,
+    row_sum: RowSum = no_reduction,
+    row_max: RowSum = no_reduction,
 ) -> torch.Tensor:
     """MuonQ's momentum step for every matrix of one parameter; returns the NS input, shaped like G.
 

@@ -18,7 +18,7 @@ import math
 import torch
 
 from .codecs import DynamicCodebook, dequantize, dynamic_codebook, packed_width, quantize
-from .lowrank import RowSum, rank_for
+from .lowrank import RowSum, no_reduction, product, rank_for
 from .matrices import MatrixPlan, base_key, batch_key, plan_of
 
 ZERO_CODE = {4: 0x88, 8: 0}  # the byte of two 4-bit zero codes / one 8-bit zero code
@@ -28,9 +28,6 @@ ADAMW_MOMENTS = ("exp_avg", "exp_avg_sq")
 F32, U8 = torch.float32, torch.uint8
 Schema = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
-
-def _identity(t: torch.Tensor) -> torch.Tensor:
-    return t
 
 
 def generator(seed: int, *key: int) -> torch.Generator:
@@ -85,6 +82,8 @@ class QuantizedMomentum:
         self.bits, self.mu = group["bits"], float(group["mu"])
         self.block_size = group["block_size"]
         self.granularity = "matrix" if self.block_size is None else "block"
+        # the P R^T split's large products: bf16 inputs when P, R and the residual are stored in 4 or 8 bits
+        self.product_dtype = torch.float32 if self.bits == 32 else torch.bfloat16
 
     @classmethod
     def of(cls, shape: tuple[int, ...], group: dict) -> QuantizedMomentum:
@@ -199,7 +198,7 @@ class QuantizedMomentum:
             if "R_codes" in pieces:
                 P = dequantize(pieces["P_codes"], pieces["P_scale"].unsqueeze(-2), r, bits, mu, "column")
                 R = dequantize(pieces["R_codes"], pieces["R_scale"].unsqueeze(-2), r, bits, mu, "column")
-                M = M + P @ R.mT
+                M = M + product(P, R.mT, self.product_dtype)
         if "norm" in pieces:
             M = M * pieces["norm"].view(-1, 1, 1)
         return M, R
@@ -212,7 +211,7 @@ class QuantizedMomentum:
         R: torch.Tensor | None,
         norm: torch.Tensor | None,
         rounding_key: tuple[int, ...],
-        row_max: RowSum = _identity,
+        row_max: RowSum = no_reduction,
     ) -> None:
         """Write a batch's residual (c, L, cols), factors P (c, L, r) / R (c, cols, r) and norm (c, 1, 1) as
         pieces; ``row_max`` reduces absmax over the ranks holding row shards of the residual and P."""
@@ -231,13 +230,14 @@ class QuantizedMomentum:
             return {"stochastic": True, "generator": generator(group["seed"], *rounding_key, kind)}
 
         dtype = scale_dtype(group)
+        group_max = None if row_max is no_reduction else row_max  # None: no reduction, a fused encode
         codes, scale = quantize(
-            res, bits, mu, self.granularity, self.block_size, group_max=row_max, scale_dtype=dtype, **rounding(0)
+            res, bits, mu, self.granularity, self.block_size, group_max=group_max, scale_dtype=dtype, **rounding(0)
         )  # (c, L, w), (c, 1, 1) or (c, L, nb)
         pieces["res_codes"] = codes
         pieces["res_scale"] = scale.flatten() if self.granularity == "matrix" else scale
         if P is not None:
-            P_codes, P_scale = quantize(P, bits, mu, "column", group_max=row_max, scale_dtype=dtype, **rounding(1))
+            P_codes, P_scale = quantize(P, bits, mu, "column", group_max=group_max, scale_dtype=dtype, **rounding(1))
             R_codes, R_scale = quantize(R, bits, mu, "column", scale_dtype=dtype, **rounding(2))  # (c, cols, w)
             pieces["P_codes"], pieces["P_scale"] = P_codes, P_scale.squeeze(-2)
             pieces["R_codes"], pieces["R_scale"] = R_codes, R_scale.squeeze(-2)

@@ -103,8 +103,10 @@ def global_rank(group: Any, rank: int) -> int:
 def all_finite(grads: Iterable[torch.Tensor], group: Any = None, agree: bool = False) -> bool:
     """Whether every gradient (local shards of DTensors) is finite; with ``agree`` the ranks of ``group`` take
     the same decision (an all-reduce), so a non-finite value on one rank raises or skips on all of them."""
-    flags = [torch.isfinite(g.to_local() if hasattr(g, "to_local") else g).all() for g in grads]
-    ok = torch.stack(flags).all() if flags else torch.tensor(True)
+    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+    # min and max propagate inf and nan: one fast reduction per gradient (isfinite would write a mask first)
+    extremes = [torch.stack(torch.aminmax(g)) for g in local if g.numel()]
+    ok = torch.isfinite(torch.cat(extremes)).all() if extremes else torch.tensor(True)
     if agree and dist.is_available() and dist.is_initialized():
         ok = ok.to(torch.int32).reshape(1)
         dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
