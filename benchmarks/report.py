@@ -10,10 +10,12 @@ from .speed import RATIO_REFERENCES
 from .variants import ABLATION_ROWS, MAIN_ROWS, VARIANTS
 
 COMMANDS = """```bash
-make bench                                   # = .venv/bin/python -m benchmarks all: memory, speed, quality summary
-                                             #   of the cached runs, report (5-8 min on a shared 2-core CPU)
+make bench                                   # = .venv/bin/python -m benchmarks all: memory, speed, peak,
+                                             #   quality summary of the cached runs, report (15-20 min, 2 cores)
 .venv/bin/python -m benchmarks memory        # results/memory.json (seconds)
 .venv/bin/python -m benchmarks speed         # results/speed.json (CPU, 1 thread, 2 warm-up + 9 timed steps per row)
+.venv/bin/python -m benchmarks peak          # results/peak.json (GPT-2 small training steps, a process per row)
+.venv/bin/python -m benchmarks gpu --out DIR # on a GPU machine: checks + speed + peak on CUDA (<= 7 min)
 nohup .venv/bin/python -m benchmarks quality --run > runs/bench_quality/driver.log 2>&1 &   # the training study
 #   (resumable: finished runs are cached in results/quality_runs.json, a stopped run resumes from its last
 #    checkpoint; `--worker 0/2` and `--worker 1/2` split it over two processes; `--full` adds seeds 1-2 for
@@ -151,8 +153,56 @@ def _within(rel_percent: float) -> str:
     return "no: better by more than 1%" if rel_percent < 0 else "no: worse"
 
 
-def targets_section(mem: dict | None, q: dict | None) -> list[str]:
-    lines = ["## Targets of the issue", "", "| target | measured | met |", "|---|---|---|"]
+def peak_section(peak: dict) -> list[str]:
+    m = peak["machine"]
+    cuda = any(r.get("meter") == "max_memory_allocated" for r in peak["rows"].values())
+    lines = [
+        "## Peak memory of real training steps", "",
+        f"`{peak['shape']}`, fp32, batch {peak['batch'][0]} x {peak['batch'][1]}, {peak['steps']} steps (forward, "
+        "backward, `optimizer.step()`, `zero_grad(set_to_none=True)`), each optimizer in a fresh process "
+        f"(`python -m benchmarks peak`). Meter: {'max_memory_allocated' if cuda else 'peak RSS (VmHWM)'} on "
+        f"{m['cpu']}. *Step extra*: how far the last step rose above the memory held just before it (its "
+        "temporaries; the state exists by then). RSS counts what the allocator keeps, so rows differ by tens of "
+        "MiB from run to run.", "",
+        "| optimizer | peak MiB | above no optimizer | step extra MiB | state MiB |", "|---|---:|---:|---:|---:|",
+    ]
+    floor = peak["rows"].get("none", {}).get("peak")
+    for row, r in peak["rows"].items():
+        label = VARIANTS[row].label if row in VARIANTS else "no optimizer (forward + backward only)"
+        if "error" in r:
+            lines.append(f"| {label} | {r['error']} | | | |")
+            continue
+        above = f"{(r['peak'] - floor) / 2**20:+.0f}" if floor else "-"
+        lines.append(f"| {label} | {r['peak'] / 2**20:.0f} | {above} | {r['step_extra'] / 2**20:.0f} | "
+                     f"{r['state'] / 2**20:.0f} |")
+    return [*lines, ""]
+
+
+def speed_peak_targets(speed: dict | None, peak: dict | None) -> list[str]:
+    lines = []
+    if speed and "torch_muon" in speed["rows"]:
+        r = speed["rows"]["muonq"]["ratio_vs_torch_muon"]
+        lines.append(f"| MuonQ step <= 1.15x torch.optim.Muon + AdamW ({speed['shape']}, CPU, 1 thread) | {r:.2f}x | "
+                     f"{'yes' if r <= 1.15 else 'no'} |")
+        profile = speed.get("stage_profile", {}).get("768x3072", {})
+        share = profile.get("work above NS / bf16 NS")
+        if share is not None:
+            lines.append(f"| MuonQ work above its Newton-Schulz <= 15% (768x3072) | {share:.0%} | "
+                         f"{'yes' if share <= 0.15 else 'no'} |")
+    if peak:
+        rows = {k: v for k, v in peak["rows"].items() if "peak" in v}
+        if {"muonq_adam8", "bnb_adamw8bit", "muonq"} <= set(rows):
+            a8 = rows["muonq_adam8"]["peak"]
+            lines.append(f"| Peak memory ({peak['shape']}): MuonQ adamw_bits=8 below bnb AdamW8bit and below MuonQ "
+                         f"with fp32 AdamW | {a8 / 2**20:.0f} vs {rows['bnb_adamw8bit']['peak'] / 2**20:.0f} and "
+                         f"{rows['muonq']['peak'] / 2**20:.0f} MiB | "
+                         f"{'yes' if a8 < rows['bnb_adamw8bit']['peak'] and a8 < rows['muonq']['peak'] else 'no'} |")
+    return lines
+
+
+def targets_section(mem: dict | None, q: dict | None, speed: dict | None = None, peak: dict | None = None) -> list[str]:
+    lines = ["## Targets of the issues", "", "| target | measured | met |", "|---|---|---|"]
+    lines += speed_peak_targets(speed, peak)
     if mem:
         small = mem["shapes"].get("gpt2-small")
         if small:
@@ -278,19 +328,22 @@ def plot_final_losses(q: dict, path: Path) -> None:
 
 def write_report(out: Path) -> Path:
     mem, speed, q = _load(out, "memory.json"), _load(out, "speed.json"), _load(out, "quality.json")
-    lines = ["# Benchmarks: MuonQ vs AdamW, bnb AdamW8bit, Muon and naive 4-bit Muon", "",
+    peak = _load(out, "peak.json")
+    lines = ["# Benchmarks: MuonQ vs torch.optim.Muon, Keller Jordan's Muon, torchao, bitsandbytes, AdamW", "",
              "Generated by `python -m benchmarks report` from `benchmarks/results/*.json`. Commands:", "", COMMANDS, ""]
     if speed or mem:
         m = (speed or mem)["machine"]
         hw = f"GPU {m['gpu']}" if m["gpu"] else "no GPU"
         lines += [f"Machine: {m['cpu']}, {m['cores']} CPU cores (shared with other jobs), {hw}; torch {m['torch']}, "
                   f"Python {m['python']}.", ""]
-    lines += targets_section(mem, q)
+    lines += targets_section(mem, q, speed, peak)
     if mem:
         lines += memory_section(mem)
         plot_memory(mem, out / "memory.png")
     if speed:
         lines += speed_section(speed)
+    if peak:
+        lines += peak_section(peak)
     if q and q["rows"]:
         lines += quality_section(q)
         plot_curves(load_cache(), q, out / "loss_curves.png")

@@ -121,8 +121,15 @@ class MatrixPlan:
             return slice(j, None, self.k)
         return slice(self.offsets[j], self.offsets[j + 1])
 
+    @property
+    def whole(self) -> bool:
+        """One piece, the whole matrix: batch 0 is x itself, and take / put need no copy."""
+        return self.k == 1
+
     def take(self, x: torch.Tensor, b: int, start: int = 0, count: int | None = None) -> torch.Tensor:
         """Batch b of x (E, count, n) (local rows [start, start + count)) -> (E * c, L, cols), zero-padded."""
+        if self.whole and x.size(1) > 0:
+            return x  # (E, count, n): the batch is x (a view; callers do not write into it)
         L = self.padded_rows(b, start, count)
         out = []
         for j in self.batches[b]:
@@ -135,6 +142,8 @@ class MatrixPlan:
 
     def put(self, x: torch.Tensor, b: int, values: torch.Tensor, start: int = 0, count: int | None = None) -> None:
         """Write batch b's values (E * c, L, cols) into x (E, count, n), dropping the padding rows."""
+        if values is x:
+            return
         values = values.unflatten(0, (-1, len(self.batches[b])))  # (E, c, L, cols)
         for i, j in enumerate(self.batches[b]):
             lo, hi = self.piece_rows(j, start, count)

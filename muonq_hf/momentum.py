@@ -109,7 +109,7 @@ def momentum_step(
     step = int(state["step"]) + 1 if "step" in state else 1
     first, total = experts if experts is not None else (0, G.size(0))
     momentum = QuantizedMomentum(plan, group)
-    X = torch.empty_like(G)
+    X = None if plan.whole else torch.empty_like(G)  # one piece: the batch's result is X itself
     for b, pieces_b in enumerate(plan.batches):
         key = (index,) if b == 0 else (index, b)
         c = len(pieces_b)
@@ -122,7 +122,10 @@ def momentum_step(
         G_b = plan.take(G, b, start, count)  # (E * c, L, cols)
         X_b = muonq_momentum(G_b, momentum, b, pieces, R_init, (*key, step), row_sum, row_max)
         momentum.store(state, b, pieces, start, count)
-        plan.put(X, b, X_b, start, count)
+        if X is None:
+            X = X_b
+        else:
+            plan.put(X, b, X_b, start, count)
     state["step"] = torch.tensor(float(step))
     return X
 
@@ -135,6 +138,9 @@ def ns_dtype(group: dict) -> torch.dtype:
 def orthogonalized_update(plan: MatrixPlan, X: torch.Tensor, group: dict) -> torch.Tensor:
     """NS5 of every matrix of X (E, m, n) in ``ns_dtype``, each times 0.2 sqrt(max(rows, cols)) of its own
     shape; fp32."""
+    if plan.whole:  # one piece: no assembling (E, m, n) from batches
+        U = zeropower_via_newtonschulz5(X, group["ns_steps"], ns_dtype(group))  # (E, m, n)
+        return U.float().mul_(muon_scale(plan.m, plan.n))
     out = torch.empty(X.shape, dtype=torch.float32, device=X.device)
     for b in range(len(plan.batches)):
         U = zeropower_via_newtonschulz5(plan.take(X, b), group["ns_steps"], ns_dtype(group)).float()  # (E*c, r, c)
