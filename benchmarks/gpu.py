@@ -129,34 +129,41 @@ CHECKS: dict[str, Callable[[torch.device], dict]] = {
 
 
 # ---------------------------------------------------------------------------------------------- run
+def _label(row: str) -> str:
+    return VARIANTS[row].label if row in VARIANTS else "no optimizer (forward + backward)"
+
+
+def _speed_rows(speed: dict) -> list[str]:
+    rows = ["| optimizer | median ms | / torch.optim.Muon + AdamW |", "|---|---:|---:|"]
+    for row in speed["rows"].values():
+        ratio = row.get("ratio_vs_torch_muon")
+        rows.append(f"| {row['label']} | {row['median_s'] * 1e3:.2f} | {f'{ratio:.2f}' if ratio else '-'} |")
+    return rows
+
+
+def _peak_rows(peak: dict) -> list[str]:
+    rows = ["| optimizer | peak MiB | step extra MiB | state MiB |", "|---|---:|---:|---:|"]
+    for row, r in peak["rows"].items():
+        figures = [r["error"], "", ""] if "error" in r else [
+            f"{r[k] / 2**20:.0f}" for k in ("peak", "step_extra", "state")]
+        rows.append(f"| {_label(row)} | " + " | ".join(figures) + " |")
+    return rows
+
+
 def markdown(report: dict) -> str:
     lines = [f"# GPU check: {report['device_name']}", "", f"Command: `{report['command']}`", "", "## Checks", "",
              "| check | ok | figures |", "|---|---|---|"]
     for name, r in report["checks"].items():
         figures = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items() if k != "ok")
         lines.append(f"| {name} | {'yes' if r.get('ok') else 'NO'} | {figures} |")
-    for shape, speed in report["speed"].items():
-        if "skipped" in speed:
-            lines += ["", f"## Step time, {shape}: skipped ({speed['skipped']})"]
-            continue
-        lines += ["", f"## Step time, {shape} ({speed['dtype']}, {speed['timer']})", "",
-                  "| optimizer | median ms | / torch.optim.Muon + AdamW |", "|---|---:|---:|"]
-        for row in speed["rows"].values():
-            ratio = row.get("ratio_vs_torch_muon")
-            lines.append(f"| {row['label']} | {row['median_s'] * 1e3:.2f} | {f'{ratio:.2f}' if ratio else '-'} |")
-    for shape, peak in report["peak"].items():
-        if "skipped" in peak:
-            lines += ["", f"## Peak memory, {shape}: skipped ({peak['skipped']})"]
-            continue
-        lines += ["", f"## Peak memory, {shape} (3 training steps, batch 1 x 128)", "",
-                  "| optimizer | peak MiB | step extra MiB | state MiB |", "|---|---:|---:|---:|"]
-        for row, r in peak["rows"].items():
-            if "error" in r:
-                lines.append(f"| {VARIANTS[row].label if row in VARIANTS else row} | {r['error']} | | |")
-                continue
-            label = VARIANTS[row].label if row in VARIANTS else "no optimizer (forward + backward)"
-            lines.append(f"| {label} | {r['peak'] / 2**20:.0f} | {r['step_extra'] / 2**20:.0f} | "
-                         f"{r['state'] / 2**20:.0f} |")
+    parts = [(f"Step time, {shape}", part, _speed_rows) for shape, part in report["speed"].items()]
+    parts += [(f"Peak memory, {shape} (3 training steps, batch 1 x 128)", part, _peak_rows)
+              for shape, part in report["peak"].items()]
+    for title, part, table in parts:
+        if "skipped" in part:
+            lines += ["", f"## {title}: skipped ({part['skipped']})"]
+        else:
+            lines += ["", f"## {title}", "", *table(part)]
     return "\n".join(lines) + "\n"
 
 

@@ -114,7 +114,9 @@ def quality_section(q: dict) -> list[str]:
         "run, 1 CPU thread. The lr is tuned per model and per family on seed 0: Muon family on fp32 Muon over "
         f"{LR_GRID['muon']}, AdamW family on torch AdamW over {LR_GRID['adamw']}, each grid extended by a factor 2 "
         "past an edge while the best lr sits on it; every row of a family then uses its model's best lr. The exact "
-        "command of every run is in `results/quality_runs.json`.", "",
+        "command of every run is in `results/quality_runs.json`. The runs are cached from before Newton-Schulz "
+        "became bf16 by default (they ran it in fp32 on the CPU) and before the split's bf16 products; rerunning "
+        "the study (`--run` after clearing the cache) measures the current defaults.", "",
         "lr grid (final eval loss, seed 0):", "",
     ]
     for model, grids in q["grid"].items():

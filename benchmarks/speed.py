@@ -16,9 +16,12 @@ import time
 
 import torch
 
-from muonq_hf.codecs import dequantize, quantize
-from muonq_hf.lowrank import power_iteration_split
+from muonq_hf.lowrank import no_reduction, power_iteration_split, rank_for
+from muonq_hf.matrices import plan_of
+from muonq_hf.momentum import _normalized_update_fused, momentum_step
+from muonq_hf.options import DEFAULTS
 from muonq_hf.orthogonalize import zeropower_via_newtonschulz5
+from muonq_hf.state import QuantizedMomentum
 
 from .models import build_model
 from .variants import SPEED_ROWS, Variant, make_optimizer
@@ -81,34 +84,31 @@ def step_times(
 
 
 def stage_profile(m: int, n: int, rank_divisor: int = 16, repeats: int = 5, seed: int = 0) -> dict[str, float]:
-    """Median CPU seconds of each stage of one default MuonQ matrix step (m, n), and of plain Muon's NS5.
+    """Median CPU seconds of the stages of one default MuonQ matrix step (m, n), and of Newton-Schulz.
 
-    Calls the same codec / split / Newton-Schulz functions as ``muonq_update``, stage by stage.
+    The first row is the momentum stage as the optimizer runs it (``momentum_step``: decode, normalize, split,
+    encode, with the fused kernels when compiling is on); the next rows split it into its parts with the same
+    functions and dtypes (bf16 inputs for the split's row-wise products); "work above NS" is the first row over
+    the default bf16 Newton-Schulz.
     """
     gen = torch.Generator().manual_seed(seed)
     G = torch.randn(1, m, n, generator=gen)
-    r = min(m, n) // rank_divisor
+    group = {**DEFAULTS, "use_muon": True, "rank_divisor": rank_divisor}
+    plan = plan_of(torch.empty(m, n, device="meta"), group)
+    momentum = QuantizedMomentum(plan, group)
+    state: dict = {}
+    momentum_step(plan, G, state, group, 0)  # a state to decode
+    pieces = momentum.load(state, 0)
     M_bar = G / G.norm()
-    P, R, res = power_iteration_split(M_bar, torch.randn(1, n, r, generator=gen))
-    res_c, res_s = quantize(res, 4, 255.0)
-    P_c, P_s = quantize(P, 4, 255.0, "column")
-    R_c, R_s = quantize(R, 4, 255.0, "column")
-
-    def load() -> torch.Tensor:
-        Pd = dequantize(P_c, P_s, r, 4, 255.0, "column")
-        Rd = dequantize(R_c, R_s, r, 4, 255.0, "column")
-        return dequantize(res_c, res_s, n, 4, 255.0) + Pd @ Rd.mT
-
-    def normalize() -> torch.Tensor:
-        M = 0.95 * M_bar + G / (G.norm() + 1e-7)
-        return M / (M.norm() + 1e-7)
+    R = torch.randn(1, n, rank_for(m, n, group["rank_divisor"]), generator=gen)
+    P, R, res = power_iteration_split(M_bar, R, dtype=momentum.product_dtype)
 
     stages = {
-        "dequantize (res, P, R) + P R^T": load,
-        "normalize G and M": normalize,
-        "power-iteration split (QR, R, res)": lambda: power_iteration_split(M_bar, R),
-        "quantize (res, P, R)": lambda: (quantize(res, 4, 255.0), quantize(P, 4, 255.0, "column"),
-                                          quantize(R, 4, 255.0, "column")),
+        "momentum stage (momentum_step, as the optimizer runs it)": lambda: momentum_step(plan, G, state, group, 0),
+        "  decode (res, P, R) + P R^T": lambda: momentum.decode(pieces, 0),
+        "  normalize G and M": lambda: _normalized_update_fused(G, M_bar, 0.95, True, no_reduction),
+        "  power-iteration split (QR, R, res)": lambda: power_iteration_split(M_bar, R, dtype=momentum.product_dtype),
+        "  encode (res, P, R)": lambda: momentum.encode({}, res, P, R, None, (0, 0)),
         NS_BF16: lambda: zeropower_via_newtonschulz5(M_bar),
         "Newton-Schulz 5, fp32 (ns_dtype='fp32')": lambda: zeropower_via_newtonschulz5(M_bar, dtype=torch.float32),
         "plain Muon momentum (beta M + G)": lambda: 0.95 * M_bar + G,
@@ -122,6 +122,5 @@ def stage_profile(m: int, n: int, rank_divisor: int = 16, repeats: int = 5, seed
             fn()
             t.append(time.process_time() - t0)
         out[name] = statistics.median(t)
-    above = [k for k in out if not k.startswith(("Newton-Schulz", "plain Muon"))]
-    out["work above NS / bf16 NS"] = sum(out[k] for k in above) / out[NS_BF16]
+    out["work above NS / bf16 NS"] = out["momentum stage (momentum_step, as the optimizer runs it)"] / out[NS_BF16]
     return out
