@@ -100,9 +100,10 @@ def cmd_peak(args: argparse.Namespace) -> None:
 
     shape, rows = ("gpt2-tiny", ["none", "muonq_adam8", "bnb_adamw8bit_hf"]) if args.quick else ("gpt2-small", ROWS)
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
-    result = run_rows(list(rows), shape, steps=3, device=device, batch=1, seq=128, threads=max(args.threads, 2))
+    result = run_rows(list(rows), shape, steps=3, device=device, batch=1, seq=128, threads=max(args.threads, 2),
+                      repeats=1 if args.quick else 3)
     _write(args.out, "peak.json", {"machine": machine(), "shape": shape, "steps": 3, "batch": [1, 128],
-                                   "rows": result})
+                                   "repeats": 1 if args.quick else 3, "rows": result})
 
 
 def cmd_gpu(args: argparse.Namespace) -> None:

@@ -161,7 +161,8 @@ def peak_section(peak: dict) -> list[str]:
     lines = [
         "## Peak memory of real training steps", "",
         f"`{peak['shape']}`, fp32, batch {peak['batch'][0]} x {peak['batch'][1]}, {peak['steps']} steps (forward, "
-        "backward, `optimizer.step()`, `zero_grad(set_to_none=True)`), each optimizer in a fresh process "
+        "backward, `optimizer.step()`, `zero_grad(set_to_none=True)`), each optimizer in a fresh process, "
+        f"{peak.get('repeats', 1)} times (the median peak; all peaks in `results/peak.json`) "
         f"(`python -m benchmarks peak`). Meter: {'max_memory_allocated' if cuda else 'peak RSS (VmHWM)'} on "
         f"{m['cpu']}. *Step extra*: how far the last step rose above the memory held just before it (its "
         "temporaries; the state exists by then). RSS counts what the allocator keeps, so rows differ by tens of "

@@ -4,10 +4,10 @@ One function for every backend: a single process and the DDP row owners pass the
 of it), FSDP2 its local shard, DeepSpeed its flat fp32 partition; ``quantized`` is decided from the whole
 parameter's shape (``muonq_hf.state.adamw_quantized``), so every backend stores the same kind of moments.
 
-8-bit moments are decoded, updated and encoded again in chunks of rows (``CHUNK_ELEMENTS``): the blocks of the
-codec run along rows, so a chunk's codes are exactly those of the whole tensor, and the step's extra memory is
-a few fp32 copies of one chunk instead of the whole tensor (a 525M-element embedding + head would otherwise
-decode into 4 GB of fp32 temporaries).
+The step runs in chunks of rows (``CHUNK_ELEMENTS``): 8-bit moments are decoded, updated and encoded again
+chunk by chunk (the codec's blocks run along rows, so a chunk's codes are exactly those of the whole tensor),
+fp32 moments are updated through row views. The step's extra memory is a few fp32 copies of one chunk instead
+of the whole tensor (a 525M-element embedding + head would otherwise decode into 4 GB of fp32 temporaries).
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import torch
 from .codecs import dequantize_dynamic8, quantize_dynamic8
 from .state import ADAMW_8BIT_BLOCK, ADAMW_MOMENTS, moment_codebook
 
-CHUNK_ELEMENTS = 1 << 20  # rows of 8-bit moments are processed in chunks of about this many elements (4 MiB fp32)
+CHUNK_ELEMENTS = 1 << 20  # rows are processed in chunks of about this many elements (4 MiB in fp32)
 
 
 def adamw_step(weight: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, quantized: bool) -> None:
-    """One AdamW step of ``weight`` (any shape, viewed as (rows, rest) when ``quantized``), state in place."""
-    rows, cols = weight.shape[0], math.prod(weight.shape[1:])  # the codec's view; a shard may hold no rows
+    """One AdamW step of ``weight`` (any shape, viewed as (rows, rest)), its state updated in place, chunk by chunk."""
+    rows, cols = (weight.shape[0], math.prod(weight.shape[1:])) if weight.ndim else (1, 1)  # a shard may have 0 rows
     if not state:
         state["step"] = torch.tensor(0.0)
         for k in ADAMW_MOMENTS:
@@ -34,20 +34,25 @@ def adamw_step(weight: torch.Tensor, grad: torch.Tensor, state: dict, group: dic
                 state[k] = torch.zeros_like(grad, dtype=torch.float32)
     state["step"] += 1
     step = state["step"].item()  # a CPU scalar: no device sync
-    if not quantized:
+    if not (weight.is_contiguous() and grad.is_contiguous()):  # no row view of it: one chunk (fp32 moments only)
         _update(weight, grad.float(), state["exp_avg"], state["exp_avg_sq"], group, step)
         return
     W, G = weight.view(rows, cols), grad.view(rows, cols)  # (rows, cols)
-    books = [moment_codebook(k, grad.device) for k in ADAMW_MOMENTS]
+    books = [moment_codebook(k, grad.device) for k in ADAMW_MOMENTS] if quantized else []
     per_chunk = max(1, CHUNK_ELEMENTS // max(1, cols))  # rows
     for start in range(0, rows, per_chunk):
         chunk = slice(start, start + per_chunk)
-        codes = [state[f"{k}_codes"][chunk] for k in ADAMW_MOMENTS]
-        absmax = [state[f"{k}_absmax"][chunk] for k in ADAMW_MOMENTS]
-        exp_avg, exp_avg_sq = (dequantize_dynamic8(c, a, b) for c, a, b in zip(codes, absmax, books, strict=True))
+        if quantized:
+            codes = [state[f"{k}_codes"][chunk] for k in ADAMW_MOMENTS]
+            absmax = [state[f"{k}_absmax"][chunk] for k in ADAMW_MOMENTS]
+            exp_avg, exp_avg_sq = (dequantize_dynamic8(c, a, b) for c, a, b in zip(codes, absmax, books, strict=True))
+        else:  # views of the fp32 moments: updated in place
+            exp_avg, exp_avg_sq = (state[k].view(rows, cols)[chunk] for k in ADAMW_MOMENTS)
         _update(W[chunk], G[chunk].float(), exp_avg, exp_avg_sq, group, step)  # (chunk rows, cols)
-        for k, value, book in zip(ADAMW_MOMENTS, (exp_avg, exp_avg_sq), books, strict=True):
-            state[f"{k}_codes"][chunk], state[f"{k}_absmax"][chunk] = quantize_dynamic8(value, book, ADAMW_8BIT_BLOCK)
+        if quantized:
+            for k, value, book in zip(ADAMW_MOMENTS, (exp_avg, exp_avg_sq), books, strict=True):
+                codes, absmax = quantize_dynamic8(value, book, ADAMW_8BIT_BLOCK)
+                state[f"{k}_codes"][chunk], state[f"{k}_absmax"][chunk] = codes, absmax
 
 
 def zero_moment(key: str, rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +73,7 @@ def _update(
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     bias1, bias2 = 1 - beta1**step, 1 - beta2**step
-    denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(group["eps"])
+    denom = exp_avg_sq.sqrt().div_(math.sqrt(bias2)).add_(group["eps"])  # in place: one temporary
     weight.mul_(1 - group["lr"] * group["weight_decay"])
     if weight.dtype == torch.float32:
         weight.addcdiv_(exp_avg, denom, value=-group["lr"] / bias1)

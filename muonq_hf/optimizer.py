@@ -143,7 +143,9 @@ class MuonQ(torch.optim.Optimizer):
         backend.step(tasks, self.state)
         return loss
 
-    def momentum_stage(self, plan: MatrixPlan, G: torch.Tensor, state: dict, group: dict, index: int, **rows: Any):
+    def momentum_stage(
+        self, plan: MatrixPlan, G: torch.Tensor, state: dict, group: dict, index: int, **rows: Any
+    ) -> torch.Tensor:
         """The momentum stage every backend calls (``muonq_hf.momentum.momentum_step``); a subclass may replace it
         (the benchmarks' bf16-momentum Muon does), and then every backend runs the replacement."""
         return momentum_step(plan, G, state, group, index, **rows)

@@ -312,9 +312,11 @@ def test_adamw_8bit_tracks_fp32_adamw_and_stores_uint8():
     assert (d8 - d32).norm() < 0.05 * d32.norm()
 
 
-def test_adamw_8bit_in_row_chunks_is_bit_identical_to_one_chunk(monkeypatch):
-    """The 8-bit AdamW step decodes, updates and encodes chunks of rows (bounded transient memory): the codec's
-    blocks run along rows, so any chunking gives the codes, scales and weights of the whole tensor at once."""
+@pytest.mark.parametrize("adamw_bits", [8, 32])
+def test_adamw_in_row_chunks_is_bit_identical_to_one_chunk(monkeypatch, adamw_bits):
+    """The AdamW step runs chunk by chunk of rows (bounded transient memory); 8-bit moments are decoded and
+    encoded per chunk. The codec's blocks run along rows, so any chunking gives the codes, scales, moments and
+    weights of the whole tensor at once."""
     import muonq_hf.adamw as adamw
 
     torch.manual_seed(0)
@@ -324,7 +326,7 @@ def test_adamw_8bit_in_row_chunks_is_bit_identical_to_one_chunk(monkeypatch):
     for chunk in (10**9, 7 * 600, 600):  # one chunk, 6 chunks of 7 rows (the last of 5), 40 chunks of 1 row
         monkeypatch.setattr(adamw, "CHUNK_ELEMENTS", chunk)
         p = nn.Parameter(init.clone())
-        opt = MuonQ([dict(params=[p])], lr=1e-2, adamw_bits=8, weight_decay=0.1)
+        opt = MuonQ([dict(params=[p])], lr=1e-2, adamw_bits=adamw_bits, weight_decay=0.1)
         run_optimizer(opt, [p], grads)
         results.append((p.data.clone(), {k: v.clone() for k, v in opt.state[p].items()}))
     (w0, s0), *others = results
@@ -349,3 +351,22 @@ def test_8bit_moments_start_as_the_codes_of_zero():
                                                       ADAMW_8BIT_BLOCK)
             assert codes.dtype == ref_codes.dtype and torch.equal(codes, ref_codes), (key, rows, cols)
             assert absmax.dtype == ref_absmax.dtype and torch.equal(absmax, ref_absmax), (key, rows, cols)
+
+
+def test_adamw_steps_scalars_vectors_and_non_contiguous_weights_like_torch():
+    """0-dim and 1-D parameters (viewed as rows) and a transposed, non-contiguous weight (one chunk) take
+    torch's AdamW step exactly (fp32 moments)."""
+    torch.manual_seed(0)
+    shapes_and_views = [((), None), ((7,), None), ((12, 5), "t")]
+    for shape, view in shapes_and_views:
+        init = torch.randn(shape[::-1] if view else shape)
+        ours = nn.Parameter(init.clone().t() if view else init.clone())
+        ref = nn.Parameter(init.clone().t() if view else init.clone())
+        opt = MuonQ([dict(params=[ours])], lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.05)
+        ref_opt = torch.optim.AdamW([ref], lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.05)
+        for step in range(3):
+            g = torch.randn(ours.shape, generator=torch.Generator().manual_seed(step))
+            ours.grad, ref.grad = g.clone(), g.clone()
+            opt.step()
+            ref_opt.step()
+        torch.testing.assert_close(ours.data, ref.data, atol=1e-7, rtol=1e-6, msg=f"shape {shape} view {view}")
