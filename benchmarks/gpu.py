@@ -1,6 +1,6 @@
 """The GPU check: one command, bounded in time, that checks MuonQ on CUDA and measures it against its peers.
 
-    python -m benchmarks gpu --out DIR [--budget 420]          # on a machine with a GPU
+    PYTHONPATH=. python3 -m benchmarks gpu --out DIR [--budget 420]   # on a machine with a GPU, repo root
     python -m benchmarks gpu --out DIR --device cpu --quick    # the same code paths on CPU (tested in CI)
 
 1. Checks (seconds): the 4-bit codec, bf16 Newton-Schulz, MuonQ against MuonQ on the CPU (fp32 NS: equal to
@@ -31,6 +31,7 @@ from muonq_hf.orthogonalize import zeropower_via_newtonschulz5
 
 from .models import build_model
 from .peak import run_rows
+from .peers import installed
 from .speed import step_times
 from .variants import VARIANTS
 
@@ -151,8 +152,10 @@ def _peak_rows(peak: dict) -> list[str]:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# GPU check: {report['device_name']}", "", f"Command: `{report['command']}`", "", "## Checks", "",
-             "| check | ok | figures |", "|---|---|---|"]
+    lines = [f"# GPU check: {report['device_name']}", "", f"Command: `{report['command']}`", ""]
+    if report.get("rows_not_installed"):
+        lines += [f"Rows left out (package not installed here): {', '.join(report['rows_not_installed'])}", ""]
+    lines += ["## Checks", "", "| check | ok | figures |", "|---|---|---|"]
     for name, r in report["checks"].items():
         figures = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items() if k != "ok")
         lines.append(f"| {name} | {'yes' if r.get('ok') else 'NO'} | {figures} |")
@@ -188,18 +191,22 @@ def run(out: Path, device: str, quick: bool, budget: float, command: str) -> dic
             report["checks"][check] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         save()
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    missing = sorted({r for r in GPU_SPEED_ROWS + GPU_PEAK_ROWS if r in VARIANTS and not installed(VARIANTS[r].kind)})
+    report["rows_not_installed"] = missing  # a peer whose package this machine lacks: said, not silently dropped
     speed_shapes = ["gpt2-tiny"] if quick else ["gpt2-small", "llama-1b"]
     for shape in speed_shapes:
         if time.time() - start > budget * 0.6:
             report["speed"][shape] = {"skipped": f"past 60% of the {budget:.0f} s budget"}
             continue
         # torchao compiles its step per parameter shape: on the 1B shape that alone would take minutes
-        rows = [VARIANTS[r] for r in GPU_SPEED_ROWS if not ((quick or shape == "llama-1b") and r.startswith("torchao"))]
+        rows = [VARIANTS[r] for r in GPU_SPEED_ROWS if r not in missing
+                and not ((quick or shape == "llama-1b") and r.startswith("torchao"))]
         report["speed"][shape] = step_times(shape, rows, warmup=1 if quick else 2, rounds=2 if quick else 5,
                                             device=device, dtype=dtype)
         save()
     peak_shape = "gpt2-tiny" if quick else "gpt2-small"
-    rows = [r for r in GPU_PEAK_ROWS if not (quick and r.startswith("torchao"))][: 3 if quick else None]
+    rows = [r for r in GPU_PEAK_ROWS if r not in missing and not (quick and r.startswith("torchao"))]
+    rows = rows[: 3 if quick else None]
     left = budget - (time.time() - start)
     if left < 30:
         report["peak"][peak_shape] = {"skipped": f"{left:.0f} s of the {budget:.0f} s budget left"}

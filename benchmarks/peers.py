@@ -16,6 +16,8 @@ same matrices.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from torch import nn
 
@@ -40,6 +42,15 @@ class Together:
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none)
+
+
+PACKAGES = {"keller_muon": "muon", "torchao_adamw8bit": "torchao", "torchao_adamw4bit": "torchao",
+            "bnb_adamw8bit_hf": "bitsandbytes", "bnb": "bitsandbytes"}  # kind -> the package it needs
+
+
+def installed(kind: str) -> bool:
+    """Whether the package a row needs can be imported here (a GPU machine may lack the peers' packages)."""
+    return kind not in PACKAGES or importlib.util.find_spec(PACKAGES[kind]) is not None
 
 
 def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

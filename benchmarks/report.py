@@ -15,7 +15,7 @@ make bench                                   # = .venv/bin/python -m benchmarks 
 .venv/bin/python -m benchmarks memory        # results/memory.json (seconds)
 .venv/bin/python -m benchmarks speed         # results/speed.json (CPU, 1 thread, 2 warm-up + 9 timed steps per row)
 .venv/bin/python -m benchmarks peak          # results/peak.json (GPT-2 small training steps, a process per row)
-.venv/bin/python -m benchmarks gpu --out DIR # on a GPU machine: checks + speed + peak on CUDA (<= 7 min)
+PYTHONPATH=. python3 -m benchmarks gpu --out DIR  # GPU machine: CUDA checks, speed, peak (<= 7 min)
 nohup .venv/bin/python -m benchmarks quality --run > runs/bench_quality/driver.log 2>&1 &   # the training study
 #   (resumable: finished runs are cached in results/quality_runs.json, a stopped run resumes from its last
 #    checkpoint; `--worker 0/2` and `--worker 1/2` split it over two processes; `--full` adds seeds 1-2 for

@@ -185,9 +185,13 @@ def test_peer_rows_build_the_optimizer_users_run_and_step(name, one_thread):
         assert all(p is not model.transformer.wte.weight for p in muon_state)  # embeddings stay with AdamW
 
 
-def test_gpu_check_runs_its_code_paths_on_cpu(tmp_path, one_thread):
+def test_gpu_check_runs_its_code_paths_on_cpu(tmp_path, one_thread, monkeypatch):
     """`python -m benchmarks gpu` is the one command a GPU session runs: its checks, speed and peak tables run
-    here on the CPU (device cpu, tiny shapes), write gpu.json and gpu.md, and every check passes."""
+    here on the CPU (device cpu, tiny shapes), write gpu.json and gpu.md, and every check passes. A peer whose
+    package the machine lacks (the GPU image has no muon-optimizer) is left out and named, not an error."""
+    import benchmarks.gpu as gpu
+
+    monkeypatch.setattr(gpu, "installed", lambda kind: kind != "keller_muon")
     main(["gpu", "--out", str(tmp_path), "--device", "cpu", "--quick"])
     report = json.loads((tmp_path / "gpu.json").read_text())
     assert set(report["checks"]) == {"codec_4bit", "newton_schulz_bf16", "optimizer_vs_cpu", "resume_bit_exact",
@@ -195,6 +199,8 @@ def test_gpu_check_runs_its_code_paths_on_cpu(tmp_path, one_thread):
     assert all(r["ok"] for r in report["checks"].values()), report["checks"]
     rows = report["speed"]["gpt2-tiny"]["rows"]
     assert {"torch_muon", "muonq", "muonq_adam8"} <= set(rows) and rows["torch_muon"]["ratio_vs_torch_muon"] == 1.0
+    assert "keller_muon" not in rows and report["rows_not_installed"] == ["keller_muon"]
     peak = report["peak"]["gpt2-tiny"]["rows"]
     assert peak["none"]["state"] == 0 and all(r["peak"] > 0 for r in peak.values())
-    assert "## Checks" in (tmp_path / "gpu.md").read_text()
+    md = (tmp_path / "gpu.md").read_text()
+    assert "## Checks" in md and "Rows left out (package not installed here): keller_muon" in md
