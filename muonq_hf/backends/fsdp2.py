@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from ..adamw import adamw_step
-from ..matrices import plan_of
+from ..matrices import MatrixPlan, plan_of
 from ..momentum import apply_update, ns_dtype, orthogonalized_update
 from ..state import QuantizedMomentum, adamw_quantized
 from .common import (
@@ -155,7 +155,7 @@ class FSDP2Backend:
         return all_finite(grads, group, agree=True)
 
     def step(self, tasks: list[Task], states: States) -> None:
-        matrices: list[Task] = []  # 2-D DTensor Muon parameters: row-sharded momentum, NS on an owner
+        by_mesh: dict[Any, list[tuple[Task, MatrixPlan]]] = {}  # 2-D matrices: row-sharded, NS on an owner
         for task in tasks:
             p, group = task.param, task.group
             if p.grad is None:
@@ -164,15 +164,12 @@ class FSDP2Backend:
                 whole_step(self.momentum, task, states[p])
             elif not group["use_muon"]:
                 self._adamw(task, states[p])
-            elif plan_of(p, group).stacked:
-                self._experts(task, states[p])
+            elif (plan := plan_of(p, group)).stacked:
+                self._experts(task, plan, states[p])
             else:
-                matrices.append(task)
-        by_mesh: dict[Any, list[Task]] = {}
-        for task in matrices:
-            by_mesh.setdefault(task.param.device_mesh, []).append(task)
-        for mesh, group_tasks in by_mesh.items():
-            self._matrices(mesh, group_tasks, states)
+                by_mesh.setdefault(p.device_mesh, []).append((task, plan))
+        for mesh, matrices in by_mesh.items():
+            self._matrices(mesh, matrices, states)
 
     @staticmethod
     def _adamw(task: Task, state: dict) -> None:
@@ -183,7 +180,7 @@ class FSDP2Backend:
         with _local_state(state, p, start, count, _every_entry) as local:
             adamw_step(p.to_local(), p.grad.to_local(), local, group, quantized)
 
-    def _experts(self, task: Task, state: dict) -> None:
+    def _experts(self, task: Task, plan: MatrixPlan, state: dict) -> None:
         """Stacked experts: each rank's whole experts take the whole step locally."""
         p, group = task.param, task.group
         if group["experts"] is not True:
@@ -191,7 +188,7 @@ class FSDP2Backend:
                 f"MuonQ under FSDP2: a grouped conv weight (experts={group['experts']}, shape {tuple(p.shape)}) is "
                 "not supported: its row shards cut through groups. Put it in an AdamW group or train without FSDP2"
             )
-        plan, mesh = plan_of(p, group), p.device_mesh
+        mesh = p.device_mesh
         first, count = row_ranges(p.shape[0], mesh.size())[mesh.get_local_rank()]
         G = plan.view(p.grad.to_local().float())  # (count, m, n): this rank's experts
         with _local_state(state, p, first, count, _every_entry) as local:
@@ -199,15 +196,14 @@ class FSDP2Backend:
         update = orthogonalized_update(plan, X, group)
         apply_update(p.to_local(), update, group["lr"], group["weight_decay"])  # the local shard shares p's storage
 
-    def _matrices(self, mesh: Any, tasks: list[Task], states: States) -> None:
+    def _matrices(self, mesh: Any, matrices: list[tuple[Task, MatrixPlan]], states: States) -> None:
         """Row-sharded 2-D matrices of one mesh: momentum on local rows, then NS round by round on the owners."""
         pg, world, rank = mesh.get_group(), mesh.size(), mesh.get_local_rank()
-        plans = [plan_of(t.param, t.group) for t in tasks]
-        owners = assign_owners([plan.m * plan.n * min(plan.m, plan.n) for plan in plans], world)  # NS flops
+        owners = assign_owners([plan.m * plan.n * min(plan.m, plan.n) for _, plan in matrices], world)  # NS flops
         for round_ in rounds(owners):
             shards = []
             for i in round_:
-                task, plan = tasks[i], plans[i]
+                task, plan = matrices[i]
                 p, group = task.param, task.group
                 start, count = row_ranges(plan.m, world)[rank]
                 layout = QuantizedMomentum(plan, group)
@@ -221,8 +217,8 @@ class FSDP2Backend:
                 shards.append(RowShard(plan, group, owners[i], count, -(-plan.m // world), X))
             updates = orthogonalize_on_owners(shards, pg, world, rank)
             for i, update in zip(round_, updates, strict=True):
-                group = tasks[i].group
-                apply_update(tasks[i].param.to_local(), update, group["lr"], group["weight_decay"])
+                task = matrices[i][0]
+                apply_update(task.param.to_local(), update, task.group["lr"], task.group["weight_decay"])
 
     # -------------------------------------------------------------------------------- checkpoints
     @contextmanager
