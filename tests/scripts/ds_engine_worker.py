@@ -33,6 +33,7 @@ if os.environ.get("MUONQ_DS_SHM") != "1":
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
+from launch import exit_after_results  # noqa: E402
 from transformers import (  # noqa: E402
     GPT2Config,
     GPT2LMHeadModel,
@@ -254,6 +255,7 @@ def main() -> None:
         torch.distributed.barrier()
     with open(os.path.join(os.environ["DS_OUT"], f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
+    exit_after_results()
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ import deepspeed.ops  # noqa: E402
 if os.environ.get("MUONQ_DS_SHM") != "1":  # see ds_engine_worker.py: gloo instead of the JIT-built kernel
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
-from tiny_hf import exit_after_results, trainer_worker_data, trainer_worker_model  # noqa: E402
+from launch import exit_after_results  # noqa: E402
+from tiny_hf import trainer_worker_data, trainer_worker_model  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 

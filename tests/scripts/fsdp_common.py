@@ -11,7 +11,7 @@ import math
 import os
 
 import torch
-from launch import run_two_ranks
+from launch import exit_after_results, run_two_ranks
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -196,11 +196,8 @@ def checkpoint_and_run_world(script: str, out: str) -> dict:
 
 
 def write_results_and_finish(res: dict, out: str, rank: int) -> None:
-    """Rank 0 writes ``out/results.json`` for the pytest driver; then every rank leaves the process group."""
-    import torch.distributed as dist
-
+    """Rank 0 writes ``out/results.json`` for the pytest driver; then every rank ends (``exit_after_results``)."""
     if rank == 0:
         with open(os.path.join(out, "results.json"), "w") as f:
             json.dump(res, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    exit_after_results()

@@ -22,7 +22,8 @@ import accelerate_cpu_fixture  # noqa: E402
 
 accelerate_cpu_fixture.install()
 
-from tiny_hf import exit_after_results, trainer_worker_data, trainer_worker_model  # noqa: E402
+from launch import exit_after_results  # noqa: E402
+from tiny_hf import trainer_worker_data, trainer_worker_model  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 

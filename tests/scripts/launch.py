@@ -32,6 +32,20 @@ def torchrun_two(*program: str, env: dict[str, str] | None = None, timeout: int 
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
 
 
+def exit_after_results() -> None:
+    """End a 2-rank worker once its results are written, skipping the interpreter's teardown: a gloo / DeepSpeed
+    comm thread still running at exit aborted a rank now and then ("terminate called without an active
+    exception", SIGABRT), or hung one in a futex wait after the other had left, both after the results were
+    written. Every rank meets at a barrier first, so none leaves while another still needs it."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def run_two_ranks(script: str, *args: str, env: dict[str, str] | None = None) -> None:
     """A worker of tests/scripts on 2 ranks."""
     torchrun_two(os.path.join(SCRIPTS, script), *args, env=env)

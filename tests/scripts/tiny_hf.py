@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 import transformers
+from launch import exit_after_results
 from transformers import GPT2Config, GPT2LMHeadModel, HfArgumentParser, Trainer, TrainingArguments
 
 VOCAB, BLOCK = 512, 32
@@ -88,19 +89,6 @@ def train_tiny(args: TrainingArguments, dropout: float, resume: str | None = Non
     trainer = Trainer(model=model, args=args, train_dataset=TinyDataset())
     trainer.train(resume_from_checkpoint=resume)
     return trainer
-
-
-def exit_after_results() -> None:
-    """End a 2-rank Trainer worker once its results are written, skipping the interpreter's teardown: a comm
-    thread (gloo / DeepSpeed) still running at exit aborted a rank now and then ("terminate called without an
-    active exception", SIGABRT) after both ranks had finished and written their results."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def main() -> None:
