@@ -24,6 +24,11 @@ CHUNK_ELEMENTS = 1 << 20  # rows are processed in chunks of about this many elem
 
 def adamw_step(weight: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, quantized: bool) -> None:
     """One AdamW step of ``weight`` (any shape, viewed as (rows, rest)), its state updated in place, chunk by chunk."""
+    if not (weight.is_contiguous() and grad.is_contiguous()):  # no row view of it: step a contiguous copy
+        contiguous = weight.contiguous()
+        adamw_step(contiguous, grad.contiguous(), state, group, quantized)
+        weight.copy_(contiguous)
+        return
     rows, cols = (weight.shape[0], math.prod(weight.shape[1:])) if weight.ndim else (1, 1)  # a shard may have 0 rows
     if not state:
         state["step"] = torch.tensor(0.0)
@@ -34,9 +39,6 @@ def adamw_step(weight: torch.Tensor, grad: torch.Tensor, state: dict, group: dic
                 state[k] = torch.zeros_like(grad, dtype=torch.float32)
     state["step"] += 1
     step = state["step"].item()  # a CPU scalar: no device sync
-    if not (weight.is_contiguous() and grad.is_contiguous()):  # no row view of it: one chunk (fp32 moments only)
-        _update(weight, grad.float(), state["exp_avg"], state["exp_avg_sq"], group, step)
-        return
     W, G = weight.view(rows, cols), grad.view(rows, cols)  # (rows, cols)
     books = [moment_codebook(k, grad.device) for k in ADAMW_MOMENTS] if quantized else []
     per_chunk = max(1, CHUNK_ELEMENTS // max(1, cols))  # rows
@@ -51,8 +53,8 @@ def adamw_step(weight: torch.Tensor, grad: torch.Tensor, state: dict, group: dic
         _update(W[chunk], G[chunk].float(), exp_avg, exp_avg_sq, group, step)  # (chunk rows, cols)
         if quantized:
             for k, value, book in zip(ADAMW_MOMENTS, (exp_avg, exp_avg_sq), books, strict=True):
-                codes, absmax = quantize_dynamic8(value, book, ADAMW_8BIT_BLOCK)
-                state[f"{k}_codes"][chunk], state[f"{k}_absmax"][chunk] = codes, absmax
+                new_codes, new_absmax = quantize_dynamic8(value, book, ADAMW_8BIT_BLOCK)
+                state[f"{k}_codes"][chunk], state[f"{k}_absmax"][chunk] = new_codes, new_absmax
 
 
 def zero_moment(key: str, rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -370,3 +370,20 @@ def test_adamw_steps_scalars_vectors_and_non_contiguous_weights_like_torch():
             opt.step()
             ref_opt.step()
         torch.testing.assert_close(ours.data, ref.data, atol=1e-7, rtol=1e-6, msg=f"shape {shape} view {view}")
+
+
+def test_adamw_8bit_on_a_non_contiguous_weight_equals_the_contiguous_one():
+    """A transposed (non-contiguous) weight is stepped through a contiguous copy: its 8-bit codes and weights
+    equal those of the same values held contiguously, bit for bit."""
+    torch.manual_seed(0)
+    init = torch.randn(128, 64)
+    strided, plain = nn.Parameter(init.clone().t()), nn.Parameter(init.t().contiguous())  # (64, 128) each
+    assert not strided.is_contiguous()
+    opts = [MuonQ([dict(params=[q])], lr=1e-2, adamw_bits=8) for q in (strided, plain)]
+    for step in range(3):
+        g = torch.randn(64, 128, generator=torch.Generator().manual_seed(step))
+        for q, opt in zip((strided, plain), opts, strict=True):
+            q.grad = g.clone()
+            opt.step()
+    assert torch.equal(strided.data, plain.data), (strided.data - plain.data).abs().max()
+    assert all(torch.equal(opts[0].state[strided][k], opts[1].state[plain][k]) for k in opts[1].state[plain])

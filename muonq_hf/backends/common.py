@@ -7,7 +7,7 @@ A backend decides *where* each stage of the step runs (docs/design.md, "Backends
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..adamw import adamw_step
+from ..lowrank import RowSum
 from ..matrices import MatrixPlan, plan_of
 from ..momentum import apply_update, orthogonalized_update
 from ..state import adamw_quantized
@@ -171,10 +172,7 @@ def rounds(owners: list[int]) -> list[list[int]]:
     return out
 
 
-RowReduce = Callable[[torch.Tensor], torch.Tensor]
-
-
-def all_reduce(op: Any, group: Any) -> RowReduce:
+def all_reduce(op: Any, group: Any) -> RowSum:
     """A reduction over the ranks of ``group`` (``row_sum``/``row_max`` of row-sharded momentum steps)."""
 
     def reduce(t: torch.Tensor) -> torch.Tensor:
