@@ -3,9 +3,9 @@
     PYTHONPATH=. python3 -m benchmarks gpu --out DIR [--budget 420]   # on a machine with a GPU, repo root
     python -m benchmarks gpu --out DIR --device cpu --quick    # the same code paths on CPU (tested in CI)
 
-1. Checks (seconds): the 4-bit codec, bf16 Newton-Schulz, MuonQ against MuonQ on the CPU (fp32 NS: equal to
-   1e-4; default bf16 NS: within 3%), a bit-exact resume through ``state_dict``, the 8-bit AdamW codec. Each
-   check reports what it compared and by how much it differed.
+1. Checks (seconds): the 4-bit codec, bf16 Newton-Schulz, MuonQ against MuonQ on the CPU (fp32 state: the
+   same updates to 2e-3; defaults: the same loss to 1%), a bit-exact resume through ``state_dict``, the 8-bit
+   AdamW codec. Each check reports what it compared and by how much it differed.
 2. Step time (``benchmarks.speed.step_times``, wall time after a CUDA sync) in bf16 on GPT-2 small and on a
    ~1B LLaMA shape, MuonQ against torch.optim.Muon, Keller Jordan's Muon, torchao and bitsandbytes.
 3. Peak memory (``benchmarks.peak``, ``torch.cuda.max_memory_allocated``, one process per row) of 3 bf16
@@ -67,30 +67,56 @@ def check_newton_schulz(dev: torch.device) -> dict:
 
 def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
     for step in steps:
-        ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(step))
-        ids = ids.to(next(model.parameters()).device)
+        ids = _batch(step, model.config.vocab_size, next(model.parameters()).device)
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
 
+def _batch(step: int, vocab: int, device: torch.device) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(step)).to(device)
+
+
 def check_optimizer(dev: torch.device) -> dict:
-    """5 MuonQ steps of a tiny GPT-2 on ``dev`` against the same on the CPU (dropout off): with fp32 NS the
-    updates agree to 2e-3 (float reduction order, and the rare 4-bit code it flips at a rounding tie); with the
-    default bf16 NS within 3% (tests/test_optimizer.py measures 1.7% for bf16 against fp32 on the CPU)."""
+    """MuonQ on ``dev`` against MuonQ on the CPU, 5 steps of a tiny GPT-2 (dropout off).
+
+    * fp32 state and NS (``bits=32, ns_dtype="fp32"``): the same computation up to float reduction order, so
+      every Muon matrix's update and all parameters' together agree to 2e-3.
+    * the defaults (4-bit state, bf16 NS): a 4-bit code flipped at a rounding tie changes the next step's split
+      and codes, so updates drift apart even between two CPU runs with another thread count (5-15% per
+      matrix after 5 steps, measured); the check is that both train alike: the drop of the loss on the first
+      batch (8.37 -> 6.52 on the CPU) agrees to 2% (two CPU thread counts: 0.07%). Not per AdamW parameter:
+      the key bias of attention has a gradient of float noise (~1e-9; softmax ignores it), which Adam scales to
+      +-lr with a device-dependent sign.
+    """
     out: dict = {}
-    for ns_dtype, tol in (("fp32", 2e-3), ("bf16", 3e-2)):
-        weights = []
+    for name, options in (("fp32_state", dict(bits=32, ns_dtype="fp32")), ("defaults", {})):
+        updates, drops = [], []
         for device in (torch.device("cpu"), dev):
             model = build_model("gpt2-tiny", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).to(device)
-            opt = MuonQ(param_groups(model), lr=0.01, ns_dtype=ns_dtype)
+            opt = MuonQ(param_groups(model), lr=0.01, **options)
+            muon = {id(p) for g in opt.param_groups if g["use_muon"] for p in g["params"]}
             start = {n: p.detach().clone().cpu() for n, p in model.named_parameters()}
+            ids = _batch(0, model.config.vocab_size, device)
+            with torch.no_grad():
+                before = float(model(input_ids=ids, labels=ids).loss)
             _train(model, opt, range(5))
-            weights.append({n: p.detach().cpu() - start[n] for n, p in model.named_parameters()})
-        diff = max(_rel(weights[1][n], weights[0][n]) for n in weights[0])
-        out[f"update_rel_diff_ns_{ns_dtype}"] = diff
-        out[f"ok_{ns_dtype}"] = diff < tol
-    out["ok"] = out["ok_fp32"] and out["ok_bf16"]
+            updates.append({n: (p.detach().cpu() - start[n], id(p) in muon) for n, p in model.named_parameters()})
+            with torch.no_grad():
+                drops.append(before - float(model(input_ids=ids, labels=ids).loss))
+        cpu, other = updates
+        per_matrix = {n: _rel(other[n][0], cpu[n][0]) for n in cpu if cpu[n][1]}
+        worst = max(per_matrix, key=per_matrix.get)
+        total = _rel(torch.cat([other[n][0].flatten() for n in cpu]), torch.cat([cpu[n][0].flatten() for n in cpu]))
+        drop_diff = abs(drops[1] - drops[0]) / abs(drops[0])
+        out[f"{name}_muon_max_rel_diff"], out[f"{name}_worst_muon_matrix"] = per_matrix[worst], worst
+        out[f"{name}_all_params_rel_diff"] = total
+        out[f"{name}_loss_drop_cpu"], out[f"{name}_loss_drop_device"] = drops
+        if name == "fp32_state":
+            out[f"ok_{name}"] = per_matrix[worst] < 2e-3 and total < 2e-3
+        else:
+            out[f"ok_{name}"] = drops[0] > 0.5 and drop_diff < 2e-2  # it trains, and alike
+    out["ok"] = out["ok_fp32_state"] and out["ok_defaults"]
     return out
 
 

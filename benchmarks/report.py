@@ -89,7 +89,8 @@ def speed_section(speed: dict) -> list[str]:
             + " | ".join(f"{row[f'ratio_vs_{r}']:.2f}" for r in refs) + " |"
         )
     gpu = speed.get("gpu")
-    lines += ["", "GPU: " + ("see `speed.json`" if gpu else "no GPU was available for this run; not measured."), ""]
+    lines += ["", "GPU: " + ("see `speed.json`" if gpu else "this run was on the CPU; the GPU figures (`python -m "
+              "benchmarks gpu`, `results/gpu_h200.json`) are in the discussion below."), ""]
     lines += ["Where a MuonQ matrix step spends its time (median CPU ms per stage, one matrix, 1 thread):", ""]
     sizes = list(speed["stage_profile"])
     lines += ["| stage | " + " | ".join(sizes) + " |", "|---|" + "---:|" * len(sizes)]
