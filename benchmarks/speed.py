@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from muonq_hf.lowrank import no_reduction, power_iteration_split, rank_for
+from muonq_hf.lowrank import no_reduction, power_iteration_factors, rank_for
 from muonq_hf.matrices import plan_of
 from muonq_hf.momentum import _normalized_update_fused, momentum_step
 from muonq_hf.options import DEFAULTS
@@ -101,14 +101,17 @@ def stage_profile(m: int, n: int, rank_divisor: int = 16, repeats: int = 5, seed
     pieces = momentum.load(state, 0)
     M_bar = G / G.norm()
     R = torch.randn(1, n, rank_for(m, n, group["rank_divisor"]), generator=gen)
-    P, R, res = power_iteration_split(M_bar, R, dtype=momentum.product_dtype)
+    dtype = momentum.product_dtype
+    P, R = power_iteration_factors(M_bar, R, dtype=dtype)
+    res, low_rank, _, _ = momentum.decode_parts(pieces, 0)
+    update = (G, res, low_rank, None, 0.95, True, False, dtype, no_reduction)
 
     stages = {
         "momentum stage (momentum_step, as the optimizer runs it)": lambda: momentum_step(plan, G, state, group, 0),
-        "  decode (res, P, R) + P R^T": lambda: momentum.decode(pieces, 0),
-        "  normalize G and M": lambda: _normalized_update_fused(G, M_bar, 0.95, True, no_reduction),
-        "  power-iteration split (QR, R, res)": lambda: power_iteration_split(M_bar, R, dtype=momentum.product_dtype),
-        "  encode (res, P, R)": lambda: momentum.encode({}, res, P, R, None, (0, 0)),
+        "  decode (res codes, P, R) and P R^T": lambda: momentum.decode_parts(pieces, 0),
+        "  M = beta (res + P R^T) + G/||G||, normalized": lambda: _normalized_update_fused(*update),
+        "  power-iteration factors (M Q, QR, R = M^T P)": lambda: power_iteration_factors(M_bar, R, dtype=dtype),
+        "  encode (res = M - P R^T, P, R)": lambda: momentum.encode({}, M_bar, P, R, None, (0, 0)),
         NS_BF16: lambda: zeropower_via_newtonschulz5(M_bar),
         "Newton-Schulz 5, fp32 (ns_dtype='fp32')": lambda: zeropower_via_newtonschulz5(M_bar, dtype=torch.float32),
         "plain Muon momentum (beta M + G)": lambda: 0.95 * M_bar + G,

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .codecs import dequantize_dynamic8, quantize_dynamic8
-from .lowrank import no_reduction, power_iteration_split
+from .lowrank import no_reduction, power_iteration_factors
 from .matrices import MatrixPlan, plan_of
 from .momentum import frobenius
 from .options import validate_group
@@ -133,12 +133,11 @@ def encode_momentum(M: torch.Tensor, state: dict, plan: MatrixPlan, group: dict,
         X_bar = X / (norm + 1e-7) if group["normalize"] else X
         r, key = momentum.rank(b), ((index,) if b == 0 else (index, b))
         P = R = None
-        res = X_bar
         if r:
             R0 = torch.randn((X.size(0), X.size(-1), r), generator=generator(group["seed"], *key), dtype=torch.float32)
-            P, R, res = power_iteration_split(X_bar, R0.to(X.device), dtype=momentum.product_dtype)
+            P, R = power_iteration_factors(X_bar, R0.to(X.device), dtype=momentum.product_dtype)
         pieces: dict = {}
-        momentum.encode(pieces, res, P, R, norm, (*key, 0))
+        momentum.encode(pieces, X_bar, P, R, norm, (*key, 0))
         momentum.store(state, b, pieces)
 
 

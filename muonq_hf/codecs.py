@@ -48,11 +48,12 @@ def expand(y: torch.Tensor, mu: float) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------- 4-bit packing
 def pack4(q: torch.Tensor) -> torch.Tensor:
-    """int codes in [-8, 7], (..., n) -> uint8 (..., ceil(n/2)), two codes per byte, low nibble first."""
-    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    """Integer codes in [-8, 7] (any dtype), (..., n) -> uint8 (..., ceil(n/2)), two per byte, low nibble first."""
+    # in fp32 (exact for these integers): inductor vectorizes this loop, not one that casts int8 -> int16 -> uint8
+    u = q.float() + 8
     if u.size(-1) % 2:
-        u = torch.nn.functional.pad(u, (0, 1), value=8)  # pad with the code of zero
-    return u[..., 0::2] | (u[..., 1::2] << 4)
+        u = torch.nn.functional.pad(u, (0, 1), value=8.0)  # pad with the code of zero
+    return (u[..., 0::2] + 16 * u[..., 1::2]).to(torch.uint8)
 
 
 def unpack4(packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -67,7 +68,7 @@ def packed_width(n: int, bits: int) -> int:
 
 
 # ------------------------------------------------------------------------------------- scale granularities
-def _group_absmax(y: torch.Tensor, granularity: str, block_size: int | None) -> torch.Tensor:
+def group_absmax(y: torch.Tensor, granularity: str, block_size: int | None) -> torch.Tensor:
     """max|y| per scale group, shaped to broadcast against y (..., m, n).
 
     granularity: "matrix" (one per trailing (m, n) matrix), "column" (one per column) or "block"
@@ -95,14 +96,15 @@ def _broadcast_scale(scale: torch.Tensor, granularity: str, n: int, block_size: 
 
 
 def round_codes(z: torch.Tensor, qmax: int, stochastic: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Round to integers in [-qmax-1, qmax]: nearest-even, or stochastic (unbiased) with ``generator``."""
+    """Round to integers in [-qmax-1, qmax] (fp32 values): nearest-even, or stochastic (unbiased) with
+    ``generator``."""
     if stochastic:
         # drawn on the CPU generator, then moved: the same codes on every device and after a resume
         noise = torch.rand(z.shape, generator=generator, dtype=z.dtype).to(z.device)
         z = torch.floor(z + noise)
     else:
         z = torch.round(z)
-    return z.clamp_(-qmax - 1, qmax).to(torch.int8)
+    return z.clamp_(-qmax - 1, qmax)
 
 
 def quantize(
@@ -121,7 +123,7 @@ def quantize(
     y = C(x); s = max|y| / qmax (in ``scale_dtype``, >= 2^-24, fp16's smallest positive value, so an all-zero
     group gets a usable scale); q = round(y / s). codes are uint8, packed two per byte
     along the last dim for 4 bits ((..., m, ceil(n/2))), int8 viewed as uint8 for 8 bits ((..., m, n)).
-    ``group_max`` reduces the per-group max|C(x)| of matrix and column groups across the ranks that hold
+    ``group_max`` reduces the per-group max|x| of matrix and column groups across the ranks that hold
     row shards of x (all-reduce max); block groups lie within rows and need no reduction. Without a reduction
     and with round-to-nearest this runs as one fused kernel (``muonq_hf.kernels``).
     """
@@ -141,16 +143,34 @@ def _quantize(
     generator: torch.Generator | None = None,
     group_max: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    qmax = QMAX[bits]
-    y = compand(x.float(), mu)
-    absmax = _group_absmax(y, granularity, block_size)
+    x = x.float()
+    absmax = group_absmax(x, granularity, block_size)
     if group_max is not None and granularity != "block":
         absmax = group_max(absmax)
-    scale = (absmax / qmax).clamp(min=SCALE_FLOOR).to(scale_dtype)
-    s = _broadcast_scale(scale.float(), granularity, y.size(-1), block_size)
-    q = round_codes(y / s, qmax, stochastic, generator)
-    codes = pack4(q) if bits == 4 else q.view(torch.uint8)
-    return codes, scale
+    scale = group_scale(absmax, bits, mu, scale_dtype)
+    return encode_codes(x, scale, bits, mu, granularity, block_size, stochastic, generator), scale
+
+
+def group_scale(absmax: torch.Tensor, bits: int, mu: float, scale_dtype: torch.dtype) -> torch.Tensor:
+    """s = max|C(x)| / qmax of each group from its max|x|: C is odd and increasing, so max|C(x)| = C(max|x|)
+    and the max pass over x needs no logarithm. In ``scale_dtype``, >= 2^-24."""
+    return (compand(absmax, mu) / QMAX[bits]).clamp(min=SCALE_FLOOR).to(scale_dtype)
+
+
+def encode_codes(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    bits: int,
+    mu: float,
+    granularity: str,
+    block_size: int | None,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The packed codes round(C(x) / s) of x (..., m, n) with the group scales ``scale``."""
+    s = _broadcast_scale(scale.float(), granularity, x.size(-1), block_size)
+    q = round_codes(compand(x.float(), mu) / s, QMAX[bits], stochastic, generator)
+    return pack4(q) if bits == 4 else q.to(torch.int8).view(torch.uint8)
 
 
 _quantize_fused = fused(_quantize)
@@ -285,7 +305,7 @@ def quantize_dynamic8(
 
     Blocks run along rows (not over the flattened tensor) so that row shards own whole blocks.
     """
-    absmax = _group_absmax(x, "block", block_size).clamp(min=1e-12)
+    absmax = group_absmax(x, "block", block_size).clamp(min=1e-12)
     z = x / _broadcast_scale(absmax, "block", x.size(-1), block_size)
     return codebook.nearest(z), absmax.float()
 

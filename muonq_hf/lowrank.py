@@ -48,20 +48,36 @@ def product(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     return A.to(dtype) @ B.to(dtype)
 
 
+def power_iteration_factors(
+    M: torch.Tensor,
+    R_prev: torch.Tensor,
+    row_sum: RowSum = no_reduction,
+    dtype: torch.dtype = torch.float32,
+    M_low: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One warm-started power-iteration step: the factors of M (..., m, n) ~ P R^T.
+
+    R_prev (..., n, r) is last step's right factor (or a seeded Gaussian on the first step).
+    Returns P (..., m, r) with orthonormal columns and R = M^T P (..., n, r). M Q takes its inputs in ``dtype``
+    (bf16 where the results are stored in 4 or 8 bits: its 0.4% rounding is far below a code's step; ``M_low``
+    is M already in ``dtype``, when the caller has it); R = M^T P and the r x r Gram matrix, which sum over
+    rows, stay fp32.
+    """
+    Q = R_prev / (R_prev.norm(dim=-2, keepdim=True) + 1e-7)  # (..., n, r) column-normalized warm start
+    P = orthonormalize_columns(product(M if M_low is None else M_low, Q, dtype).float(), row_sum)  # (..., m, r)
+    # R sums over the rows, which FSDP2 holds in shards: fp32, so that partial sums are not rounded to bf16
+    R = row_sum((P.mT @ M).mT)  # (..., n, r) = (P^T M)^T: M stays the contiguous operand
+    return P, R
+
+
+def residual(M: torch.Tensor, P: torch.Tensor, R: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """res = M - P R^T (..., m, n), the product's inputs in ``dtype`` (like M Q)."""
+    return M - product(P, R.mT, dtype)
+
+
 def power_iteration_split(
     M: torch.Tensor, R_prev: torch.Tensor, row_sum: RowSum = no_reduction, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One warm-started power-iteration step: M (..., m, n) ~ P R^T + res.
-
-    R_prev (..., n, r) is last step's right factor (or a seeded Gaussian on the first step).
-    Returns P (..., m, r) with orthonormal columns, R = M^T P (..., n, r) and res = M - P R^T (..., m, n).
-    The two row-wise products (M Q and P R^T) take their inputs in ``dtype`` (bf16 where the results are stored
-    in 4 or 8 bits: its 0.4% rounding is far below a code's step); R = M^T P and the r x r Gram matrix, which
-    sum over rows, stay fp32.
-    """
-    Q = R_prev / (R_prev.norm(dim=-2, keepdim=True) + 1e-7)  # (..., n, r) column-normalized warm start
-    P = orthonormalize_columns(product(M, Q, dtype).float(), row_sum)  # (..., m, r)
-    # R sums over the rows, which FSDP2 holds in shards: fp32, so that partial sums are not rounded to bf16
-    R = row_sum((P.mT @ M).mT)  # (..., n, r) = (P^T M)^T: M stays the contiguous operand
-    res = M - product(P, R.mT, dtype)  # (..., m, n)
-    return P, R, res
+    """``power_iteration_factors`` and the residual: M ~ P R^T + res; returns (P, R, res)."""
+    P, R = power_iteration_factors(M, R_prev, row_sum, dtype)
+    return P, R, residual(M, P, R, dtype)

@@ -19,10 +19,10 @@ from collections.abc import Callable
 import torch
 
 from .kernels import fused
-from .lowrank import RowSum, no_reduction, power_iteration_split
+from .lowrank import RowSum, no_reduction, power_iteration_factors
 from .matrices import MatrixPlan
 from .orthogonalize import NS_DTYPES, muon_scale, zeropower_via_newtonschulz5
-from .state import QuantizedMomentum, generator
+from .state import QuantizedMomentum, combine, generator
 
 
 def frobenius(x: torch.Tensor, row_sum: RowSum) -> torch.Tensor:
@@ -31,17 +31,34 @@ def frobenius(x: torch.Tensor, row_sum: RowSum) -> torch.Tensor:
 
 
 def _normalized_update(
-    G: torch.Tensor, M_prev: torch.Tensor, beta: float, normalize: bool, row_sum: RowSum
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """G_hat = G / ||G||, M = beta M_prev + G_hat, M_bar = M / ||M|| (without ``normalize``: G, M, M and no norm)."""
+    G: torch.Tensor,
+    M_prev: torch.Tensor,
+    low_rank: torch.Tensor | None,
+    norm_prev: torch.Tensor | None,
+    beta: float,
+    normalize: bool,
+    nesterov: bool,
+    low_dtype: torch.dtype,
+    row_sum: RowSum,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The momentum update of a batch (c, L, cols), from the decoded parts of the stored momentum.
+
+    M_prev = (res + P R^T) * norm_prev (``combine``); G_hat = G / ||G||; M = beta M_prev + G_hat;
+    M_bar = M / ||M|| (without ``normalize``: G_hat = G, M_bar = M, no norm). Returns the NS input X
+    (G_hat + beta M_bar with ``nesterov``, else M_bar), M_bar, M_bar in ``low_dtype`` for the split's M Q
+    (None when that is fp32) and ||M|| (c, 1, 1).
+    """
+    M_prev = combine(M_prev, low_rank, norm_prev)
     G_hat = G / (frobenius(G, row_sum) + 1e-7) if normalize else G  # pre-quantization normalization
     M = beta * M_prev + G_hat  # (c, L, cols)
     norm = frobenius(M, row_sum) if normalize else None  # (c, 1, 1)
     M_bar = M / (norm + 1e-7) if normalize else M
-    return G_hat, M_bar, norm
+    X = G_hat + beta * M_bar if nesterov else M_bar
+    return X, M_bar, None if low_dtype == torch.float32 else M_bar.to(low_dtype), norm
 
 
-_normalized_update_fused = fused(_normalized_update)  # one process: no reduction inside, one fused kernel
+# one process: no reduction inside, one fused loop (decoded residual, P R^T and G in; X, M_bar and its bf16 out)
+_normalized_update_fused = fused(_normalized_update)
 
 
 # ------------------------------------------------------------------------ one batch of matrices
@@ -66,9 +83,9 @@ def muonq_momentum(
     beta, normalize = group["momentum"], group["normalize"]
     r, cols = momentum.rank(b), G.size(-1)
 
-    M_prev, R_prev = momentum.decode(pieces, b)  # (c, L, cols), (c, cols, r)
-    if M_prev is None:  # first step: zero momentum, seeded Gaussian warm start
-        M_prev = torch.zeros_like(G)
+    res_prev, low_rank, norm_prev, R_prev = momentum.decode_parts(pieces, b)  # (c, L, cols) .. (c, cols, r)
+    if res_prev is None:  # first step: zero momentum, seeded Gaussian warm start
+        res_prev = torch.zeros_like(G)
         R_prev = R_init(cols, r).to(G.device) if r else None
     elif R_prev is not None:
         dead = R_prev.square().sum(dim=-2, keepdim=True) == 0  # (c, 1, r): factor columns that collapsed to 0
@@ -76,15 +93,15 @@ def muonq_momentum(
             R_prev = torch.where(dead, R_init(cols, r).to(G.device), R_prev)  # keyed Gaussian, so the split recovers
 
     update = _normalized_update_fused if row_sum is no_reduction else _normalized_update
-    G_hat, M_bar, norm = update(G, M_prev, beta, normalize, row_sum)  # (c, L, cols), (c, L, cols), (c, 1, 1)
-
+    X, M_bar, M_low, norm = update(  # (c, L, cols) x 3, (c, 1, 1)
+        G, res_prev, low_rank, norm_prev, beta, normalize, group["nesterov"], momentum.product_dtype, row_sum
+    )
+    del res_prev, low_rank  # the decoded parts are dead: their memory serves the split
+    P = R = None
     if r:
-        P, R, res = power_iteration_split(M_bar, R_prev, row_sum, momentum.product_dtype)  # (c,L,r), (c,cols,r)
-    else:
-        P = R = None
-        res = M_bar
-    momentum.encode(pieces, res, P, R, norm, rounding_key, row_max)
-    return G_hat + beta * M_bar if group["nesterov"] else M_bar
+        P, R = power_iteration_factors(M_bar, R_prev, row_sum, momentum.product_dtype, M_low)  # (c,L,r), (c,cols,r)
+    momentum.encode(pieces, M_bar, P, R, norm, rounding_key, row_max)  # stores res = M_bar - P R^T
+    return X
 
 
 def momentum_step(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -22,7 +23,6 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, dtype: torch.dt
     dot products, tensor cores on GPUs); fp32 for exact comparisons.
     """
     assert G.ndim >= 2, f"Newton-Schulz needs a matrix, got shape {tuple(G.shape)}"
-    a, b, c = NS_COEFFICIENTS
     X = G.to(dtype).reshape(-1, *G.shape[-2:])  # (k, m, n)
     transposed = G.size(-2) > G.size(-1)
     if transposed:  # iterate on the short side: X X^T is (min, min)
@@ -30,15 +30,24 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, dtype: torch.dt
     # spectral norm <= Frobenius norm <= 1; contiguous so that no matmul below copies a transposed operand
     X = (X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)).contiguous()
     if X.size(0) == 1:  # one matrix: 2-D addmm is the fastest kernel (CPU bf16: 15% faster than baddbmm)
-        X = X[0]
-    fused_mm = torch.addmm if X.ndim == 2 else torch.baddbmm
+        X = _iterate(X[0], steps, torch.addmm).unsqueeze(0)
+    elif X.device.type == "cpu" and X.size(0) > 1:  # a batch on CPU: addmm per matrix (bf16: 6% faster than
+        X = torch.stack([_iterate(x, steps, torch.addmm) for x in X])  # baddbmm); on GPUs one batched launch
+    else:
+        X = _iterate(X, steps, torch.baddbmm)
+    if transposed:
+        X = X.mT
+    return X.reshape(G.shape)
+
+
+def _iterate(X: torch.Tensor, steps: int, fused_mm: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """``steps`` quintic iterations on X (s, n) or (k, s, n), s <= n; ``fused_mm`` is addmm or baddbmm."""
+    a, b, c = NS_COEFFICIENTS
     for _ in range(steps):
         A = X @ X.mT  # (k, s, s), s = min(m, n)
         B = fused_mm(A, A, A, beta=b, alpha=c)  # b A + c A A, one fused matmul
         X = fused_mm(X, B, X, beta=a)  # a X + B X
-    if transposed:
-        X = X.mT
-    return X.reshape(G.shape)
+    return X
 
 
 def muon_scale(m: int, n: int) -> float:

@@ -17,8 +17,18 @@ import math
 
 import torch
 
-from .codecs import DynamicCodebook, dequantize, dynamic_codebook, packed_width, quantize
-from .lowrank import RowSum, no_reduction, product, rank_for
+from .codecs import (
+    DynamicCodebook,
+    dequantize,
+    dynamic_codebook,
+    encode_codes,
+    group_absmax,
+    group_scale,
+    packed_width,
+    quantize,
+)
+from .kernels import fused
+from .lowrank import RowSum, no_reduction, product, rank_for, residual
 from .matrices import MatrixPlan, base_key, batch_key, plan_of
 
 ZERO_CODE = {4: 0x88, 8: 0}  # the byte of two 4-bit zero codes / one 8-bit zero code
@@ -41,6 +51,33 @@ def scale_dtype(group: dict) -> torch.dtype:
     """fp16 scales hold normalized momenta (|values| <= 1); without normalization the momentum is unbounded
     (gradients of ~3e4 overflowed fp16's 65504 into NaN weights), so its scales are fp32 (2 more bytes each)."""
     return torch.float16 if group["normalize"] else torch.float32
+
+
+def combine(res: torch.Tensor, low_rank: torch.Tensor | None, norm: torch.Tensor | None) -> torch.Tensor:
+    """The momentum from its stored parts: (res + P R^T) * norm; a bf16 P R^T is promoted on the fly."""
+    M = res if low_rank is None else res + low_rank
+    return M if norm is None else M * norm
+
+
+def _minus(M: torch.Tensor, low_rank: torch.Tensor | None) -> torch.Tensor:
+    return M if low_rank is None else M - low_rank  # a bf16 P R^T is promoted on the fly
+
+
+def _residual_absmax(M: torch.Tensor, low_rank: torch.Tensor | None, granularity: str,
+                     block_size: int | None) -> torch.Tensor:
+    return group_absmax(_minus(M, low_rank), granularity, block_size)
+
+
+def _residual_codes(M: torch.Tensor, low_rank: torch.Tensor | None, scale: torch.Tensor, bits: int, mu: float,
+                    granularity: str, block_size: int | None) -> torch.Tensor:
+    return encode_codes(_minus(M, low_rank), scale, bits, mu, granularity, block_size)
+
+
+# One process, round to nearest: the residual M - P R^T is formed inside the two passes of its encode (max, then
+# codes) and never stored in fp32. Two kernels, with the fp16 scale rounded between them: inductor's C++ backend
+# does not vectorize a loop that mixes bf16 (P R^T) and fp16 (the scale), 4x slower.
+_residual_absmax_fused = fused(_residual_absmax)
+_residual_codes_fused = fused(_residual_codes)
 
 
 # ------------------------------------------------------------------------------------------- AdamW
@@ -181,45 +218,55 @@ class QuantizedMomentum:
                 state[batch_key(key, b)] = stored.contiguous() if plan.stacked else stored[0].contiguous()
 
     # -------------------------------------------------------------------------------------- codec
-    def decode(self, pieces: dict, b: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Batch b's momentum (c, rows, cols) and right factor R (c, cols, r); (None, None) before step 1."""
+    def decode_parts(
+        self, pieces: dict, b: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Batch b's stored momentum in parts: residual (c, rows, cols) fp32, P R^T (c, rows, cols) in
+        ``product_dtype`` (None without a split), the stored norm (c, 1, 1) (None unless ``store_norm``) and
+        R (c, cols, r); the momentum is ``combine(res, P R^T, norm)``. All None before step 1."""
         if not any(k in pieces for k in ("res", "res_codes")):
-            return None, None
+            return None, None, None, None
         cols, r, bits, mu = self.plan.batch_shape(b)[1], self.rank(b), self.bits, self.mu
+        low_rank = None
         if bits == 32:
-            M, R = pieces["res"].clone(), pieces.get("R")
+            res, R = pieces["res"], pieces.get("R")
             if R is not None:
-                M = M + pieces["P"] @ R.mT
+                low_rank = product(pieces["P"], R.mT, self.product_dtype)
         else:
             scale = pieces["res_scale"]
             scale = scale.view(-1, 1, 1) if scale.ndim == 1 else scale
-            M = dequantize(pieces["res_codes"], scale, cols, bits, mu, self.granularity, self.block_size)
+            res = dequantize(pieces["res_codes"], scale, cols, bits, mu, self.granularity, self.block_size)
             R = None
             if "R_codes" in pieces:
                 P = dequantize(pieces["P_codes"], pieces["P_scale"].unsqueeze(-2), r, bits, mu, "column")
                 R = dequantize(pieces["R_codes"], pieces["R_scale"].unsqueeze(-2), r, bits, mu, "column")
-                M = M + product(P, R.mT, self.product_dtype)
-        if "norm" in pieces:
-            M = M * pieces["norm"].view(-1, 1, 1)
-        return M, R
+                low_rank = product(P, R.mT, self.product_dtype)
+        norm = pieces["norm"].view(-1, 1, 1) if "norm" in pieces else None
+        return res, low_rank, norm, R
+
+    def decode(self, pieces: dict, b: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Batch b's momentum (c, rows, cols) and right factor R (c, cols, r); (None, None) before step 1."""
+        res, low_rank, norm, R = self.decode_parts(pieces, b)
+        return (None, None) if res is None else (combine(res, low_rank, norm), R)
 
     def encode(
         self,
         pieces: dict,
-        res: torch.Tensor,
+        M: torch.Tensor,
         P: torch.Tensor | None,
         R: torch.Tensor | None,
         norm: torch.Tensor | None,
         rounding_key: tuple[int, ...],
         row_max: RowSum = no_reduction,
     ) -> None:
-        """Write a batch's residual (c, L, cols), factors P (c, L, r) / R (c, cols, r) and norm (c, 1, 1) as
-        pieces; ``row_max`` reduces absmax over the ranks holding row shards of the residual and P."""
+        """Write a batch's momentum M (c, L, cols) as pieces: its split P (c, L, r) / R (c, cols, r), the
+        residual M - P R^T and the norm (c, 1, 1); ``row_max`` reduces absmax over the ranks holding row shards
+        of M and P."""
         bits, mu, group = self.bits, self.mu, self.group
         if group["store_norm"] and norm is not None:
             pieces["norm"] = norm.flatten().float()  # (c,)
         if bits == 32:
-            pieces["res"] = res.contiguous()
+            pieces["res"] = (M if P is None else residual(M, P, R, self.product_dtype)).contiguous()
             if P is not None:
                 pieces["P"], pieces["R"] = P.contiguous(), R.contiguous()
             return
@@ -230,13 +277,19 @@ class QuantizedMomentum:
             return {"stochastic": True, "generator": generator(group["seed"], *rounding_key, kind)}
 
         dtype = scale_dtype(group)
-        group_max = None if row_max is no_reduction else row_max  # None: no reduction, a fused encode
-        codes, scale = quantize(
-            res, bits, mu, self.granularity, self.block_size, group_max=group_max, scale_dtype=dtype, **rounding(0)
-        )  # (c, L, w), (c, 1, 1) or (c, L, nb)
+        if row_max is no_reduction and not group["stochastic_rounding"]:  # one process: residual + codes fused
+            low_rank = None if P is None else product(P, R.mT, self.product_dtype)  # (c, L, cols)
+            absmax = _residual_absmax_fused(M, low_rank, self.granularity, self.block_size)
+            scale = group_scale(absmax, bits, mu, dtype)  # (c, 1, 1) or (c, L, nb)
+            codes = _residual_codes_fused(M, low_rank, scale.float(), bits, mu, self.granularity, self.block_size)
+        else:
+            res = M if P is None else residual(M, P, R, self.product_dtype)
+            codes, scale = quantize(res, bits, mu, self.granularity, self.block_size, group_max=row_max,
+                                    scale_dtype=dtype, **rounding(0))
         pieces["res_codes"] = codes
         pieces["res_scale"] = scale.flatten() if self.granularity == "matrix" else scale
         if P is not None:
+            group_max = None if row_max is no_reduction else row_max  # None: no reduction, a fused encode
             P_codes, P_scale = quantize(P, bits, mu, "column", group_max=group_max, scale_dtype=dtype, **rounding(1))
             R_codes, R_scale = quantize(R, bits, mu, "column", scale_dtype=dtype, **rounding(2))  # (c, cols, w)
             pieces["P_codes"], pieces["P_scale"] = P_codes, P_scale.squeeze(-2)

@@ -7,6 +7,8 @@ import muonq_hf.kernels as kernels
 from muonq_hf.codecs import _quantize, quantize
 from muonq_hf.lowrank import no_reduction
 from muonq_hf.momentum import _normalized_update, _normalized_update_fused
+from muonq_hf.options import DEFAULTS
+from muonq_hf.state import QuantizedMomentum
 
 
 @pytest.fixture
@@ -33,14 +35,37 @@ def test_compiled_encode_gives_the_eager_codes(compiling, bits, granularity, blo
     assert torch.equal(scale, ref_scale)
 
 
-def test_compiled_normalized_update_matches_eager(compiling):
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_compiled_normalized_update_matches_eager(compiling, nesterov):
     """Norms are reductions, which the fused loop may sum in another order: equal to fp32 rounding (1e-6)."""
     g = torch.Generator().manual_seed(1)
-    G, M = torch.randn(2, 64, 300, generator=g), torch.randn(2, 64, 300, generator=g)
-    got = _normalized_update_fused(G, M, 0.95, True, no_reduction)
-    ref = _normalized_update(G, M, 0.95, True, no_reduction)
-    for a, b in zip(got, ref, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    G, res = torch.randn(2, 64, 300, generator=g), torch.randn(2, 64, 300, generator=g)
+    low_rank = torch.randn(2, 64, 300, generator=g).bfloat16()
+    norm = torch.rand(2, 1, 1, generator=g) + 0.5
+    args = (G, res, low_rank, norm, 0.95, True, nesterov, torch.bfloat16, no_reduction)
+    got, ref = _normalized_update_fused(*args), _normalized_update(*args)
+    for name, a, b in zip(("X", "M_bar", "M_low", "norm"), got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize(("rank", "granularity", "block_size"), [(0, "matrix", None), (6, "matrix", None),
+                                                              (6, "block", 64)])
+def test_compiled_residual_encode_gives_the_eager_codes(compiling, rank, granularity, block_size):
+    """The residual M - P R^T formed inside the two encode loops: the codes and scales of the eager residual,
+    bit for bit (the same elementwise ops; the product is the same bf16 matmul)."""
+    g = torch.Generator().manual_seed(2)
+    M = torch.randn(2, 64, 301, generator=g) / 100
+    momentum = QuantizedMomentum.of((64, 301), {**DEFAULTS, "use_muon": True, "rank_divisor": 64 // rank if rank else 0,
+                                                "block_size": block_size})
+    P = torch.randn(2, 64, rank, generator=g) if rank else None
+    R = torch.randn(2, 301, rank, generator=g) / 1000 if rank else None
+    fused_pieces, eager = {}, {}
+    momentum.encode(fused_pieces, M, P, R, None, (0,))  # one process, nearest: the fused kernels
+    momentum.encode(eager, M, P, R, None, (0,), row_max=lambda t: t)  # a (trivial) reduction: the eager path
+    assert fused_pieces.keys() == eager.keys()
+    for key in fused_pieces:
+        differ = int((fused_pieces[key] != eager[key]).sum())
+        assert differ == 0, f"{key}: {differ} of {eager[key].numel()} entries differ"
 
 
 def test_switch_off_runs_eagerly_and_bad_values_are_refused(monkeypatch):
