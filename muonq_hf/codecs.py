@@ -199,9 +199,9 @@ def _dequantize_by_table(codes: torch.Tensor, scale: torch.Tensor, n: int, bits:
     """``dequantize`` with one scale per matrix, where C^-1(q s) takes only 2^bits values per matrix.
 
     Those values go into a table indexed by the stored byte (a 4-bit byte holds two codes, low nibble
-    first, so its row holds two values) and one int32 ``index_select`` decodes every byte: two passes over
-    the codes instead of unpacking, casting, scaling and expanding the mu-law element by element (~5x
-    faster on CPU). Each code decodes to the formula's value for that code.
+    first, so its row holds two values, read as one 8-byte word) and one int32 ``index_select`` decodes every
+    byte: two passes over the codes instead of unpacking, casting, scaling and expanding the mu-law element by
+    element (~15x faster on CPU). Each code decodes to the formula's value for that code.
     """
     lead, (m, width) = codes.shape[:-2], codes.shape[-2:]
     k = math.prod(lead)
@@ -214,8 +214,11 @@ def _dequantize_by_table(codes: torch.Tensor, scale: torch.Tensor, n: int, bits:
     index = codes.reshape(k, m * width).int()
     if k > 1:  # matrix i reads rows [256 i, 256 i + 256) of the stacked tables
         index = index + 256 * torch.arange(k, dtype=torch.int32, device=codes.device).unsqueeze(-1)
-    out = table.reshape(k * 256, -1).index_select(0, index.flatten())  # (k m width, values per byte)
-    return out.view(*lead, m, -1)[..., :n]
+    table = table.reshape(k * 256, -1)  # (k 256, values per byte)
+    if bits == 4:  # a byte's two fp32 values as one 8-byte word: a 1-D gather, 5x faster than gathering rows
+        table = table.contiguous().view(torch.float64)
+    out = table.flatten().index_select(0, index.flatten())  # (k m width) words
+    return out.view(torch.float32).view(*lead, m, -1)[..., :n]
 
 
 # ----------------------------------------------------------- blockwise dynamic 8-bit (AdamW's m and v)
