@@ -52,7 +52,7 @@ from .momentum import apply_update
 from .optimizer import MuonQ
 from .state import owned_indices, owned_state, store_owned_state
 
-SUPPORTED_STAGES = (1, 2)
+SUPPORTED_STAGES = (1, 2, 3)
 
 
 class DeepSpeedConfigError(ValueError):
@@ -77,19 +77,15 @@ def _enabled(section: Any) -> bool:
 def check_deepspeed_config(config: Mapping[str, Any]) -> None:
     """Raise ``DeepSpeedConfigError`` for every DeepSpeed setting under which MuonQ cannot run as itself.
 
-    Supported: ZeRO stage 1 or 2, bf16 or fp32, no offload, rigid (default) checkpoints. ``config`` is the
+    Supported: ZeRO stage 1, 2 or 3, bf16 or fp32, no offload, rigid (default) checkpoints. ``config`` is the
     DeepSpeed config dict (as in ``ds_config.json``); ``"auto"`` values are accepted where they cannot select
     an unsupported mode.
     """
     stage = _get(config, "zero_optimization.stage", 0)
     if stage not in SUPPORTED_STAGES:
-        hint = (
-            "ZeRO-3 partitions each parameter and its gradient, which MuonQ does not reassemble yet"
-            if stage == 3
-            else "without ZeRO, use plain DDP (torchrun) or FSDP2 instead of DeepSpeed"
-        )
         raise DeepSpeedConfigError(
-            f"MuonQ under DeepSpeed: zero_optimization.stage={stage!r} is not supported; use stage 1 or 2 ({hint})"
+            f"MuonQ under DeepSpeed: zero_optimization.stage={stage!r} is not supported; use stage 1, 2 or 3 "
+            "(without ZeRO, use plain DDP (torchrun) or FSDP2 instead of DeepSpeed)"
         )
     if _enabled(config.get("fp16")):
         raise DeepSpeedConfigError(
@@ -216,20 +212,23 @@ class DeepSpeedMuonQ(MuonQ):
             return super().step(closure)
         if closure is not None:
             raise ValueError("DeepSpeedMuonQ under ZeRO: DeepSpeed does not pass a closure; call engine.step()")
-        for group in self.param_groups:  # DeepSpeed narrows param_groups to one group per call
-            self._zero_group_step(group)
+        for group in self.param_groups:  # ZeRO 1/2 narrow param_groups to the stepped group; ZeRO-3 empties the others
+            if group["params"]:
+                self._zero_group_step(group)
         return None
 
     def _under_zero(self) -> bool:
-        """True when ZeRO has replaced each (visible) group's parameters by one flat partition of its own."""
-        for group in self.param_groups:
+        """True when ZeRO has replaced each (visible) group's parameters by one flat partition of its own (ZeRO-3
+        steps one sub-group at a time and leaves the other groups empty)."""
+        stepped = [group for group in self.param_groups if group["params"]]
+        for group in stepped:
             index = self._group_ids.get(id(group))
             if index is None or len(group["params"]) != 1:
                 return False
             flat = group["params"][0]
             if flat.ndim != 1 or any(ref() is flat for ref in self._lp_refs[index]):
                 return False  # a real 1-D parameter (bias, norm) of a plain, non-ZeRO run
-        return bool(self.param_groups)
+        return bool(stepped)
 
     def _lp_params(self, index: int) -> list[torch.Tensor]:
         params = [ref() for ref in self._lp_refs[index]]
@@ -237,10 +236,6 @@ class DeepSpeedMuonQ(MuonQ):
             raise RuntimeError(
                 "DeepSpeedMuonQ: a parameter of the model was freed or replaced after the optimizer was built; "
                 "build the optimizer on the model that is passed to deepspeed.initialize"
-            )
-        if any(hasattr(p, "ds_id") for p in params):
-            raise DeepSpeedConfigError(
-                "MuonQ under DeepSpeed: zero_optimization.stage=3 is not supported; use stage 1 or 2"
             )
         return params
 
@@ -275,35 +270,37 @@ class DeepSpeedMuonQ(MuonQ):
         params = self._lp_params(index)
         world = dist.get_world_size(_dp_group(params))
         matrices = [(self._index_base[index] + j, p) for j, p in enumerate(params) if p.requires_grad]
-        owners = assign_owners([state_cost(tuple(p.shape), group) for _, p in matrices], world)
+        owners = assign_owners([state_cost(_shape(p), group) for _, p in matrices], world)
         return [(i, p, r) for (i, p), r in zip(matrices, owners, strict=True)]
 
     def _zero_muon_step(self, flat: torch.Tensor, group: dict, index: int, params: list[torch.Tensor]) -> None:
         pg = _dp_group(params)
         world, rank = dist.get_world_size(pg), dist.get_rank(pg)
-        matrices = self._owned(index, group)
+        fragments = {id(p): _fragment(p, flat) for p in params}
+        # ZeRO-3 steps a group in sub-groups: the matrices of this flat partition (the same on every rank)
+        matrices = [m for m in self._owned(index, group) if not _stage3(m[1]) or fragments[id(m[1])] is not None]
         state = self.state[flat]
         for owner in range(world):
             owned = [(i, p) for i, p, r in matrices if r == owner]
             if not owned:
                 continue
-            offsets = _offsets([p.numel() for _, p in owned])
+            offsets = _offsets([_numel(p) for _, p in owned])
             buf = torch.zeros(offsets[-1], dtype=torch.float32, device=flat.device)  # whole gradients, concatenated
             for (_, p), start in zip(owned, offsets, strict=False):
-                for lp_slice, hp_slice in _fragment(p):
+                for lp_slice, hp_slice in fragments[id(p)] or []:
                     buf[start + lp_slice.start : start + lp_slice.stop] = flat.grad[hp_slice]
             dist.reduce(buf, dst=global_rank(pg, owner), group=pg)
             if rank == owner:  # buf now holds this owner's whole gradients; reuse it for the scaled updates
                 for (i, p), start in zip(owned, offsets, strict=False):
                     mstate = owned_state(state, i)
-                    grad = buf[start : start + p.numel()].view(p.shape)
+                    grad = buf[start : start + _numel(p)].view(_shape(p))
                     update = whole_muon_update(self.momentum_stage, grad, mstate, group, i)
                     store_owned_state(state, i, mstate)
-                    buf[start : start + p.numel()] = update.reshape(-1)
+                    buf[start : start + _numel(p)] = update.reshape(-1)
                     self.ns_calls += 1
             dist.broadcast(buf, src=global_rank(pg, owner), group=pg)
             for (_, p), start in zip(owned, offsets, strict=False):
-                for lp_slice, hp_slice in _fragment(p):
+                for lp_slice, hp_slice in fragments[id(p)] or []:
                     master = flat[hp_slice]  # view of this rank's fp32 master weights
                     update = buf[start + lp_slice.start : start + lp_slice.stop]
                     apply_update(master, update, group["lr"], group["weight_decay"])  # the ops of every backend
@@ -316,8 +313,38 @@ def _offsets(sizes: list[int]) -> list[int]:
     return out
 
 
-def _fragment(p: torch.Tensor) -> list[tuple[slice, slice]]:
-    """(slice of the flattened parameter, slice of the flat partition) held by this rank; [] if none."""
+def _stage3(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_id")  # a parameter partitioned by ZeRO-3
+
+
+def _shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The parameter's own shape (ZeRO-3 leaves an empty tensor in ``p`` and keeps the shape in ``ds_shape``)."""
+    return tuple(p.ds_shape) if _stage3(p) else tuple(p.shape)
+
+
+def _numel(p: torch.Tensor) -> int:
+    return int(p.ds_numel) if _stage3(p) else p.numel()
+
+
+def _fragment(p: torch.Tensor, flat: torch.Tensor) -> list[tuple[slice, slice]] | None:
+    """(slice of the flattened parameter, slice of the flat partition ``flat``) held by this rank; [] if none.
+
+    ZeRO 1/2: the parameter's ``_hp_mapping``. ZeRO-3: rank k holds elements [k s, k s + s) of every parameter
+    (s = ``partition_numel()``, the last rank's tail padded), found in the flat partition through DeepSpeed's
+    public ``safe_get_local_fp32_param`` (a view into it); None when the parameter belongs to another sub-group
+    (another flat partition).
+    """
+    if _stage3(p):
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        local = safe_get_local_fp32_param(p)  # (s,) view of this rank's fp32 partition of p
+        if local is None or local.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr():
+            return None
+        size = p.partition_numel()
+        first = dist.get_rank(p.ds_process_group) * size
+        count = max(0, min(size, p.ds_numel - first))  # the padding past the parameter's end is not p's
+        start = local.storage_offset() - flat.storage_offset()
+        return [(slice(first, first + count), slice(start, start + count))] if count else []
     mapping = getattr(p, "_hp_mapping", None)
     if mapping is None:
         return []
@@ -326,23 +353,27 @@ def _fragment(p: torch.Tensor) -> list[tuple[slice, slice]]:
 
 
 def _dp_group(params: list[torch.Tensor]) -> Any:
-    return getattr(params[0], "_dp_group", None) if params else None
+    if not params:
+        return None
+    return params[0].ds_process_group if _stage3(params[0]) else getattr(params[0], "_dp_group", None)
 
 
 def verify_engine(engine: Any) -> DeepSpeedMuonQ:
-    """Check that the optimizer DeepSpeed will step is our ``DeepSpeedMuonQ`` under ZeRO 1/2; return it.
+    """Check that the optimizer DeepSpeed will step is our ``DeepSpeedMuonQ`` under ZeRO 1, 2 or 3; return it.
 
     Catches what a config check cannot: Accelerate swapping the client optimizer (offload), a DeepSpeed-built
     optimizer, or a plain ``MuonQ`` that would see flat partitions.
     """
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     zero = getattr(engine, "optimizer", None)
     stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else None
-    if not isinstance(zero, DeepSpeedZeroOptimizer) or stage not in SUPPORTED_STAGES:
+    expected = DeepSpeedZeroOptimizer_Stage3 if stage == 3 else DeepSpeedZeroOptimizer
+    if not isinstance(zero, expected) or stage not in SUPPORTED_STAGES:
         raise DeepSpeedConfigError(
             f"MuonQ under DeepSpeed: the engine runs {type(zero).__name__} at zero_optimization.stage={stage!r}; "
-            "MuonQ supports ZeRO stage 1 or 2 (DeepSpeedZeroOptimizer)"
+            "MuonQ supports ZeRO stage 1 or 2 (DeepSpeedZeroOptimizer) and 3 (DeepSpeedZeroOptimizer_Stage3)"
         )
     client = zero.optimizer
     if not isinstance(client, DeepSpeedMuonQ):

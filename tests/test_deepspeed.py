@@ -1,4 +1,4 @@
-"""MuonQ under DeepSpeed ZeRO 1/2 on 2 CPU ranks (gloo): equivalence, NS once per step, resume, refusals.
+"""MuonQ under DeepSpeed ZeRO 1/2/3 on 2 CPU ranks (gloo): equivalence, NS once per step, resume, refusals.
 
 The 2-rank runs (tests/scripts/ds_engine_worker.py, one torchrun launch for all scenarios and both stages)
 compare DeepSpeedMuonQ with single-process MuonQ on the same tiny GPT-2 (fused-QKV Conv1D, tied embeddings).
@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "scripts" / "ds_engine_worker.py"
 TRAINER_WORKER = ROOT / "tests" / "scripts" / "ds_trainer_worker.py"
 SCENARIOS = "fp32,split,bf16,resume,plain,moe,gqa"
-STAGES = (1, 2)
+STAGES = (1, 2, 3)
+TRAINER_STAGES = (1, 2)
 
 
 def torchrun(script: Path, args: list[str], out: Path, extra_env: dict | None = None) -> None:
@@ -40,7 +41,7 @@ def torchrun(script: Path, args: list[str], out: Path, extra_env: dict | None = 
 @pytest.fixture(scope="module")
 def ds_runs(tmp_path_factory) -> tuple[Path, list[dict]]:
     out = tmp_path_factory.mktemp("ds")
-    torchrun(WORKER, [SCENARIOS], out)
+    torchrun(WORKER, [SCENARIOS], out, {"DS_STAGES": ",".join(map(str, STAGES))})
     return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
@@ -71,10 +72,19 @@ def test_zero_reassembles_experts_and_unequal_pieces_bit_for_bit(ds_runs, scenar
     per-piece MuonQ step as one process, so identical batches give the single-process weights bit for bit;
     every expert x piece's first update is orthogonalized (singular values <= 1.25, NS's band)."""
     out, ranks = ds_runs
-    ref = torch.load(out / f"{scenario}_reference.pt")
     got = torch.load(out / f"{scenario}_stage{stage}.pt")
-    for name in ref:
-        assert torch.equal(got[name], ref[name]), f"{name}: max diff {(got[name] - ref[name]).abs().max()}"
+    if stage == 3:
+        # ZeRO-3's nn.Linear weight gradients are an ulp off torch's (~4e-9 of ~1e-2, measured): fp32 state and NS,
+        # compared within fp32 rounding: 1e-6 on weights of ~0.1 after 4 steps. AdamW-routed embeddings get 5e-6:
+        # g / (sqrt(v) + eps) lifts the ulp noise of rows that the batch barely touches (|g| near eps)
+        ref = torch.load(out / f"{scenario}_reference_fp32state.pt")
+        for name in ref:
+            atol = 5e-6 if "embed" in name or "lm_head" in name else 1e-6
+            torch.testing.assert_close(got[name], ref[name], rtol=0, atol=atol, msg=name)
+    else:
+        ref = torch.load(out / f"{scenario}_reference.pt")
+        for name in ref:
+            assert torch.equal(got[name], ref[name]), f"{name}: max diff {(got[name] - ref[name]).abs().max()}"
     init = torch.load(out / f"{scenario}_init.pt")
     planned = [n for n in ref if "experts" in n or "qkv_proj" in n]
     assert planned and all((ref[n] - init[n]).abs().max() > 1e-3 for n in planned)  # the runs trained
@@ -177,12 +187,13 @@ def test_plain_muonq_under_zero_refuses_instead_of_training(ds_runs, stage):
 @pytest.fixture(scope="module")
 def trainer_runs(tmp_path_factory) -> dict[int, list[dict]]:
     out = tmp_path_factory.mktemp("ds_trainer")
-    configs = [str(ROOT / "examples" / "deepspeed" / f"zero{stage}_bf16.json") for stage in STAGES]
+    configs = [str(ROOT / "examples" / "deepspeed" / f"zero{stage}_bf16.json") for stage in TRAINER_STAGES]
     torchrun(TRAINER_WORKER, configs, out)
-    return {s: [json.loads((out / f"trainer_stage{s}_rank{r}.json").read_text()) for r in range(2)] for s in STAGES}
+    return {s: [json.loads((out / f"trainer_stage{s}_rank{r}.json").read_text()) for r in range(2)]
+            for s in TRAINER_STAGES}
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", TRAINER_STAGES)
 def test_trainer_optim_muonq_with_deepspeed_config(trainer_runs, stage):
     """``--optim muonq --deepspeed examples/deepspeed/zero{1,2}_bf16.json --bf16`` on 2 ranks (test-only
     Accelerate CPU fixture): the optimizer that steps is DeepSpeedMuonQ under DeepSpeed's ZeRO optimizer, NS
@@ -229,8 +240,8 @@ def with_(**patch) -> dict:
 @pytest.mark.parametrize(
     "config, names",
     [
-        (with_(zero_optimization__stage=3), ["zero_optimization.stage=3", "stage 1 or 2"]),
-        (with_(zero_optimization__stage=0), ["zero_optimization.stage=0", "stage 1 or 2", "DDP"]),
+        (with_(zero_optimization__stage=0), ["zero_optimization.stage=0", "stage 1, 2 or 3", "DDP"]),
+        (with_(zero_optimization__stage=4), ["zero_optimization.stage=4", "stage 1, 2 or 3"]),
         ({**BASE, "fp16": {"enabled": True}}, ["fp16.enabled=true", "bf16.enabled=true"]),
         (with_(zero_optimization__offload_optimizer={"device": "cpu"}),
          ["zero_optimization.offload_optimizer.device='cpu'", "CPU Adam", "'none'"]),
@@ -253,7 +264,7 @@ def test_unsupported_settings_refused_with_names(config, names):
 def test_example_configs_are_supported(path):
     config = json.loads(path.read_text())
     check_deepspeed_config(config)
-    assert config["zero_optimization"]["stage"] in (1, 2)
+    assert config["zero_optimization"]["stage"] in (1, 2, 3)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "examples" / "accelerate").glob("deepspeed_zero*.yaml")))
@@ -326,5 +337,7 @@ def test_accelerate_launch_deepspeed_env_is_checked(monkeypatch):
         trainer_optimizer_cls(SimpleNamespace(deepspeed=None))
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    with pytest.raises(DeepSpeedConfigError, match="zero_optimization.stage=3"):
+    assert trainer_optimizer_cls(SimpleNamespace(deepspeed=None)) is DeepSpeedMuonQ
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0")
+    with pytest.raises(DeepSpeedConfigError, match="zero_optimization.stage=0"):
         trainer_optimizer_cls(SimpleNamespace(deepspeed=None))

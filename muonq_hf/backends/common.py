@@ -55,7 +55,7 @@ def whole_muon_step(momentum: MomentumStage, task: Task, state: dict) -> None:
         raise RuntimeError(
             f"MuonQ: a use_muon parameter is now 1-D (shape {tuple(p.shape)}): DeepSpeed ZeRO hands its client "
             "optimizer flat partitions, and Newton-Schulz on them would be wrong. Use "
-            "muonq_hf.deepspeed.DeepSpeedMuonQ (ZeRO stage 1 or 2), or train without DeepSpeed"
+            "muonq_hf.deepspeed.DeepSpeedMuonQ (ZeRO stage 1, 2 or 3), or train without DeepSpeed"
         )
     update = whole_muon_update(momentum, p.grad, state, group, task.index)
     apply_update(p, update, group["lr"], group["weight_decay"])
