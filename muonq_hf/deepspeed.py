@@ -48,6 +48,7 @@ import torch.distributed as dist
 from .adamw import adamw_step
 from .backends.common import all_finite, assign_owners, global_rank, state_cost, whole_muon_update
 from .checkpoint import CheckpointError
+from .matrices import shaped
 from .momentum import apply_update
 from .optimizer import MuonQ
 from .state import owned_indices, owned_state, store_owned_state
@@ -270,7 +271,7 @@ class DeepSpeedMuonQ(MuonQ):
         params = self._lp_params(index)
         world = dist.get_world_size(_dp_group(params))
         matrices = [(self._index_base[index] + j, p) for j, p in enumerate(params) if p.requires_grad]
-        owners = assign_owners([state_cost(_shape(p), group) for _, p in matrices], world)
+        owners = assign_owners([state_cost(tuple(shaped(p).shape), group) for _, p in matrices], world)
         return [(i, p, r) for (i, p), r in zip(matrices, owners, strict=True)]
 
     def _zero_muon_step(self, flat: torch.Tensor, group: dict, index: int, params: list[torch.Tensor]) -> None:
@@ -284,7 +285,7 @@ class DeepSpeedMuonQ(MuonQ):
             owned = [(i, p) for i, p, r in matrices if r == owner]
             if not owned:
                 continue
-            offsets = _offsets([_numel(p) for _, p in owned])
+            offsets = _offsets([shaped(p).numel() for _, p in owned])
             buf = torch.zeros(offsets[-1], dtype=torch.float32, device=flat.device)  # whole gradients, concatenated
             for (_, p), start in zip(owned, offsets, strict=False):
                 for lp_slice, hp_slice in fragments[id(p)] or []:
@@ -293,10 +294,10 @@ class DeepSpeedMuonQ(MuonQ):
             if rank == owner:  # buf now holds this owner's whole gradients; reuse it for the scaled updates
                 for (i, p), start in zip(owned, offsets, strict=False):
                     mstate = owned_state(state, i)
-                    grad = buf[start : start + _numel(p)].view(_shape(p))
+                    grad = buf[start : start + shaped(p).numel()].view(shaped(p).shape)
                     update = whole_muon_update(self.momentum_stage, grad, mstate, group, i)
                     store_owned_state(state, i, mstate)
-                    buf[start : start + _numel(p)] = update.reshape(-1)
+                    buf[start : start + shaped(p).numel()] = update.reshape(-1)
                     self.ns_calls += 1
             dist.broadcast(buf, src=global_rank(pg, owner), group=pg)
             for (_, p), start in zip(owned, offsets, strict=False):
@@ -315,15 +316,6 @@ def _offsets(sizes: list[int]) -> list[int]:
 
 def _stage3(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_id")  # a parameter partitioned by ZeRO-3
-
-
-def _shape(p: torch.Tensor) -> tuple[int, ...]:
-    """The parameter's own shape (ZeRO-3 leaves an empty tensor in ``p`` and keeps the shape in ``ds_shape``)."""
-    return tuple(p.ds_shape) if _stage3(p) else tuple(p.shape)
-
-
-def _numel(p: torch.Tensor) -> int:
-    return int(p.ds_numel) if _stage3(p) else p.numel()
 
 
 def _fragment(p: torch.Tensor, flat: torch.Tensor) -> list[tuple[slice, slice]] | None:

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .matrices import shaped
+
 FUSED_QKV_NAMES = ("c_attn", "qkv_proj", "Wqkv", "qkv")  # leaf module names of fused [q; k; v] projections
 HEAD_NAMES = ("classifier", "score", "qa_outputs", "head", "lm_head")  # module names of output heads
 ROUTER_NAMES = ("gate", "router")
@@ -138,6 +140,7 @@ def _expert_plan(pname: str, module: nn.Module, p: torch.Tensor) -> tuple[dict, 
         transposed, concatenated, how = module.is_transposed, module.is_concatenated, "experts flags"
     else:
         down = getattr(module, pname.replace("gate_up", "down"), None)
+        down = shaped(down) if isinstance(down, torch.Tensor) else down
         if not isinstance(down, torch.Tensor) or down.ndim != 3:
             return plan, "gate_up layout not identified (no flags, no down_proj): kept whole per expert"
         plain = p.shape[1] == 2 * down.shape[2] and p.shape[2] == down.shape[1]
@@ -246,7 +249,9 @@ def _route_one(
     def adamw(reason: str, decay: bool = True) -> Route:
         return Route(name, p, False, decay, reason)
 
-    if p.ndim < 2:
+    q = shaped(p)  # for shapes: p itself, or a meta stand-in of a ZeRO-3 partitioned p (ids and attributes: p)
+
+    if q.ndim < 2:
         return adamw("vector", decay=False)
     if pname == "bias" or pname.endswith("_bias") or pname.startswith("bias"):
         return adamw("bias", decay=False)
@@ -262,23 +267,23 @@ def _route_one(
         return adamw("input layer")
     if id(p) in embeddings:
         return adamw("embedding")
-    if _is_head(model, module_name, module, p):
+    if _is_head(model, module_name, module, q):
         return adamw("output layer")
     is_conv = isinstance(module, nn.modules.conv._ConvNd)
     if not is_conv and not isinstance(module, nn.Linear) and any(h in pname.lower() for h in INPUT_HINTS):
         return adamw("input layer (embedding parameter)")
-    if _is_router(model, module_name, module, p):
+    if _is_router(model, module_name, module, q):
         return adamw("MoE router")
     if is_conv and module.in_channels // module.groups == 1:
         return adamw("depthwise conv (per-channel filters)")
     plan, note = {}, ""
     if is_conv and module.groups > 1:
         plan, note = {"experts": module.groups}, f"grouped conv: {module.groups} matrices"
-    elif p.ndim == 3 and not is_conv:
-        plan, note = _expert_plan(pname, module, p)
+    elif q.ndim == 3 and not is_conv:
+        plan, note = _expert_plan(pname, module, q)
     elif split_qkv and pname == "weight":
         plan, note = _fused_plan(model, module_name, module)
-    view = _matrix_shape(p, plan)
+    view = _matrix_shape(q, plan)
     if min(view) == 1:
         return adamw("1-row or 1-column matrix")
     return Route(name, p, True, True, "hidden matrix", plan, note)
@@ -309,11 +314,12 @@ def _apply_patterns(routes: list[Route], adamw_patterns: tuple[str, ...], muon_p
         if to_adamw and r.muon:
             r.muon, r.reason, r.plan, r.note = False, f"adamw_names {to_adamw[0]!r}", {}, ""
         elif to_muon and not r.muon:
-            if r.param.ndim < 2:
-                raise ValueError(f"muon_names {to_muon[0]!r} matches {r.name} of shape {tuple(r.param.shape)}: "
+            shape = shaped(r.param).shape
+            if len(shape) < 2:
+                raise ValueError(f"muon_names {to_muon[0]!r} matches {r.name} of shape {tuple(shape)}: "
                                  "Muon needs a matrix (>= 2 dims)")
             r.muon, r.decay, r.reason = True, True, f"muon_names {to_muon[0]!r}"
-            r.plan = {"experts": True} if r.param.ndim == 3 else {}
+            r.plan = {"experts": True} if len(shape) == 3 else {}
 
 
 # ------------------------------------------------------------------------------------------ groups

@@ -182,6 +182,15 @@ class MatrixPlan:
             rows[:, lo:hi, self._state_cols(j, widths)] = values[:, i, : hi - lo]
 
 
+def shaped(p: torch.Tensor) -> torch.Tensor:
+    """p, or a meta tensor of its own shape when DeepSpeed ZeRO-3 has partitioned it (``zero.Init`` or
+    ``deepspeed.initialize``): the parameter then holds an empty tensor and keeps its shape in ``ds_shape``.
+    Routing, plans and checks ask this for shapes, so a partitioned model is routed like the whole one."""
+    if hasattr(p, "ds_shape"):
+        return torch.empty(tuple(p.ds_shape), dtype=p.dtype, device="meta")
+    return p
+
+
 def plan_of(p: torch.Tensor, group: dict) -> MatrixPlan:
     """The matrix plan of a Muon parameter from its group's keys (set by ``muonq_hf.param_groups``).
 
@@ -189,6 +198,7 @@ def plan_of(p: torch.Tensor, group: dict) -> MatrixPlan:
     groups (grouped conv, (out, in/g, ...)). ``piece_sizes`` (explicit sizes) or ``qkv_split`` (k equal
     pieces) cut each matrix along ``split_dim``; ``interleave`` alternates them.
     """
+    p = shaped(p)
     experts = group.get("experts", False)
     if experts is True:
         if p.ndim < 3:

@@ -19,7 +19,7 @@ from .checkpoint import (
     convert_state,
     storage_changes,
 )
-from .matrices import MatrixPlan, plan_of
+from .matrices import MatrixPlan, plan_of, shaped
 from .momentum import momentum_step
 from .options import DEFAULTS, validate_group
 
@@ -80,7 +80,7 @@ class MuonQ(torch.optim.Optimizer):
         params = list(params)
         routed = any(isinstance(g, dict) and "use_muon" in g for g in params)  # the caller chose the routing
         super().__init__(params, defaults)
-        matrices = [p for g in self.param_groups if not g["use_muon"] for p in g["params"] if p.ndim >= 2]
+        matrices = [p for g in self.param_groups if not g["use_muon"] for p in g["params"] if shaped(p).ndim >= 2]
         if matrices and not routed:
             warnings.warn(
                 f"MuonQ got {len(matrices)} matrices but no use_muon=True group: every parameter is updated by AdamW "
@@ -99,7 +99,7 @@ class MuonQ(torch.optim.Optimizer):
         if not group["use_muon"] and group["adamw_lr"] is not None and "lr" not in param_group:
             param_group = {**param_group, "lr": group["adamw_lr"]}
         super().add_param_group(param_group)
-        for p in self.param_groups[-1]["params"]:
+        for p in map(shaped, self.param_groups[-1]["params"]):  # ZeRO-3 partitioned: its own shape
             if group["use_muon"] and p.ndim < 2:
                 raise ValueError(
                     f"use_muon=True needs tensors of >= 2 dims, got shape {tuple(p.shape)}; put 1-D tensors "

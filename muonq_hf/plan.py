@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from .grouping import Route, route
-from .matrices import plan_of
+from .matrices import plan_of, shaped
 from .memory import expected_state_bytes
 from .options import DEFAULTS, parse_optim_args
 
@@ -46,7 +46,8 @@ def state_bytes_of(routes: list[Route], options: dict | None = None) -> dict[str
     """Expected optimizer-state bytes, {"muon": ..., "adamw": ..., "total": ...}."""
     out = {"muon": 0, "adamw": 0}
     for r in routes:
-        out["muon" if r.muon else "adamw"] += expected_state_bytes(tuple(r.param.shape), _group_of(r, options or {}))
+        shape = tuple(shaped(r.param).shape)
+        out["muon" if r.muon else "adamw"] += expected_state_bytes(shape, _group_of(r, options or {}))
     return {**out, "total": out["muon"] + out["adamw"]}
 
 
@@ -56,7 +57,7 @@ def routing_summary(routes: list[Route], options: dict | None = None) -> str:
     adamw = [r for r in routes if not r.muon]
     planned = sum(1 for r in muon if r.plan)
     size = state_bytes_of(routes, options)
-    numel = lambda rs: sum(r.param.numel() for r in rs) / 1e6  # noqa: E731
+    numel = lambda rs: sum(shaped(r.param).numel() for r in rs) / 1e6  # noqa: E731
     unknown = [r.name for r in routes if "kept whole" in r.note]
     return (
         f"MuonQ routing: Muon {len(muon)} tensors ({numel(muon):.2f}M params, {planned} split into experts/pieces), "
@@ -74,7 +75,7 @@ def report(routes: list[Route], options: dict | None = None) -> str:
         group = _group_of(r, options or {})
         wd = "yes" if r.decay else "no"
         why = r.reason + (f"; {r.note}" if r.note else "")
-        nbytes = expected_state_bytes(tuple(r.param.shape), group)
+        nbytes = expected_state_bytes(tuple(shaped(r.param).shape), group)
         rows.append((r.name, "Muon" if r.muon else "AdamW", describe_plan(r, options), wd, f"{nbytes:,}", why))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]

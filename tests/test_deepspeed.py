@@ -31,7 +31,7 @@ WORKER = ROOT / "tests" / "scripts" / "ds_engine_worker.py"
 TRAINER_WORKER = ROOT / "tests" / "scripts" / "ds_trainer_worker.py"
 SCENARIOS = "fp32,split,bf16,resume,plain,moe,gqa"
 STAGES = (1, 2, 3)
-TRAINER_STAGES = (1, 2)
+TRAINER_STAGES = (1, 2, 3)
 
 
 def torchrun(script: Path, args: list[str], out: Path, extra_env: dict | None = None) -> None:
@@ -195,14 +195,21 @@ def trainer_runs(tmp_path_factory) -> dict[int, list[dict]]:
 
 @pytest.mark.parametrize("stage", TRAINER_STAGES)
 def test_trainer_optim_muonq_with_deepspeed_config(trainer_runs, stage):
-    """``--optim muonq --deepspeed examples/deepspeed/zero{1,2}_bf16.json --bf16`` on 2 ranks (test-only
+    """``--optim muonq --deepspeed examples/deepspeed/zero{1,2,3}_bf16.json --bf16`` on 2 ranks (test-only
     Accelerate CPU fixture): the optimizer that steps is DeepSpeedMuonQ under DeepSpeed's ZeRO optimizer, NS
     runs once per optimizer step (4 steps x 2 micro-batches: 4 x 8 matrices, half per rank), and resuming the
     Trainer from checkpoint-2 reproduces the uninterrupted weights exactly."""
+    zero = "DeepSpeedZeroOptimizer_Stage3" if stage == 3 else "DeepSpeedZeroOptimizer"
+    hidden = [f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                                         "mlp.c_proj")]
     for r in trainer_runs[stage]:
         assert r["distributed_type"] == "DistributedType.DEEPSPEED" and r["deepspeed_enabled"]
         assert r["zero_stage"] == stage
-        assert r["chain"] == ["DeepSpeedOptimizerWrapper", "DeepSpeedZeroOptimizer", "DeepSpeedMuonQ"]
+        assert r["chain"] == ["DeepSpeedOptimizerWrapper", zero, "DeepSpeedMuonQ"]
+        # ZeRO-3: from_pretrained under zero.Init, every parameter already partitioned when MuonQ is built;
+        # routed like the whole model all the same (wpe/wte to AdamW)
+        assert r["partitioned_at_init"] is (stage == 3)
+        assert r["muon"] == sorted(hidden), r["muon"]
         assert r["ns_calls"] == 4 * 8 // 2 and r["resumed_ns_calls"] == 2 * 8 // 2
         assert r["resume_max_diff"] == 0.0
         assert len(r["loss"]) == 4 and all(math.isfinite(x) for x in r["loss"])

@@ -205,3 +205,28 @@ def test_moe_model_resumes_bit_exactly_through_the_optimizer_state_dict(tmp_path
     run(resumed, opt2, range(2, 4))
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b), f"{name}: resumed differs by {(a - b).abs().max()}"
+
+
+def partition_like_zero3(model: torch.nn.Module) -> None:
+    """What DeepSpeed ZeRO-3 (zero.Init or deepspeed.initialize) does to the attributes routing reads: each
+    parameter keeps its object identity, holds an empty tensor and carries its shape in ds_shape."""
+    for p in model.parameters():
+        p.ds_shape, p.ds_id = p.shape, id(p)
+        p.data = torch.empty(0, dtype=p.dtype)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "phi3", "mixtral", "gpt_oss"])
+def test_zero3_partitioned_models_route_like_whole_ones(model_type):
+    """Under ZeRO-3 the Trainer builds the model inside zero.Init: every parameter is empty when the optimizer is
+    built. Routing, plans and the optimizer's checks read the shape from ds_shape, and identity-based rules
+    (embeddings, tied and output layers) still hold: the routes equal the unpartitioned model's, key for key."""
+    whole = {r.name: r for r in route(build(AutoModelForCausalLM, tiny_config(model_type)))}
+    model = build(AutoModelForCausalLM, tiny_config(model_type))
+    partition_like_zero3(model)
+    parted = {r.name: r for r in route(model)}
+    assert parted.keys() == whole.keys()
+    for name, r in parted.items():
+        w = whole[name]
+        assert (r.muon, r.decay, r.reason, r.plan) == (w.muon, w.decay, w.reason, w.plan), name
+    assert any(r.muon for r in parted.values()) and any(not r.muon for r in parted.values())
+    MuonQ(param_groups(model))  # the use_muon checks and plans accept the partitioned parameters
