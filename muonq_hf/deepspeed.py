@@ -181,7 +181,8 @@ class DeepSpeedMuonQ(MuonQ):
                 raise RuntimeError(
                     f"DeepSpeedMuonQ: this checkpoint was written with a data-parallel world size of {int(saved)}, "
                     f"now it is {world}: MuonQ's packed momentum is owned per matrix by one rank, so resume with "
-                    f"{int(saved)} ranks"
+                    f"{int(saved)} ranks, or move the run through muonq_hf.deepspeed_checkpoint (consolidated_state "
+                    "on the old ranks, load_consolidated_state on the new ones; docs/distributed.md)"
                 )
         self._check_owners(state_dict)
         super().load_state_dict(state_dict)
@@ -330,7 +331,7 @@ def _fragment(p: torch.Tensor, flat: torch.Tensor) -> list[tuple[slice, slice]] 
         from deepspeed.utils import safe_get_local_fp32_param
 
         local = safe_get_local_fp32_param(p)  # (s,) view of this rank's fp32 partition of p
-        if local is None or local.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr():
+        if local is None or not _inside(local, flat):
             return None
         size = p.partition_numel()
         first = dist.get_rank(p.ds_process_group) * size
@@ -342,6 +343,13 @@ def _fragment(p: torch.Tensor, flat: torch.Tensor) -> list[tuple[slice, slice]] 
         return []
     lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
     return [(slice(lp.start, lp.start + lp.numel), slice(hp.start, hp.start + hp.numel))]
+
+
+def _inside(view: torch.Tensor, flat: torch.Tensor) -> bool:
+    """Whether ``view`` lies within ``flat`` (ZeRO-3's sub-group partitions may share one storage)."""
+    start = view.storage_offset() - flat.storage_offset()
+    same = view.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+    return same and 0 <= start and start + view.numel() <= flat.numel()
 
 
 def _dp_group(params: list[torch.Tensor]) -> Any:

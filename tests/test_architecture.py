@@ -14,7 +14,7 @@ LAYERS = [
     {"checkpoint", "memory"},
     {"backends", "backends.common", "backends.owner", "backends.fsdp2"},
     {"optimizer"},
-    {"deepspeed", "grouping", "plan", "hf", "run"},
+    {"deepspeed", "deepspeed_checkpoint", "grouping", "plan", "hf", "run"},
 ]
 
 

@@ -29,7 +29,7 @@ from muonq_hf.deepspeed import (
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "scripts" / "ds_engine_worker.py"
 TRAINER_WORKER = ROOT / "tests" / "scripts" / "ds_trainer_worker.py"
-SCENARIOS = "fp32,split,bf16,resume,plain,moe,gqa"
+SCENARIOS = "fp32,split,bf16,resume,plain,moe,gqa,reshape"
 STAGES = (1, 2, 3)
 TRAINER_STAGES = (1, 2, 3)
 
@@ -168,6 +168,27 @@ def test_resume_through_engine_checkpoint_is_exact_and_saves_packed_state(ds_run
         codes = {k: v for k, v in res["saved"].items() if k.endswith("_codes")}
         assert codes and set(codes.values()) == {"torch.uint8"}
         assert any(".m" in k and k.endswith("res_scale") and v == "torch.float16" for k, v in res["saved"].items())
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_resume_on_another_number_of_ranks_through_the_consolidated_checkpoint(ds_runs, stage):
+    """muonq_hf.deepspeed_checkpoint: 2 ranks -> one process (consolidated_state at step 2; a plain MuonQ loads
+    it and runs to step 4) and one process -> 2 ranks (a one-process checkpoint at step 2 loaded into a fresh
+    engine by load_consolidated_state), identical batches: the consolidated state equals the one-process state
+    entry for entry, both resumed runs equal the uninterrupted ones bit for bit, and after the load each rank
+    holds the packed momentum of the matrices it owns now. A checkpoint with other storage options is refused
+    before anything changes."""
+    _, ranks = ds_runs
+    first = ranks[0][f"reshape/stage{stage}"]
+    assert first["consolidated_state_equal"] is True
+    assert first["two_to_one_max_diff"] == 0.0
+    owners = assign_owners([1600.0, 6400.0, 6400.0] * 2, 2) + assign_owners([4800.0] * 2, 2)
+    for rank, r in enumerate(ranks):
+        res = r[f"reshape/stage{stage}"]
+        assert res["one_to_two_max_diff"] == 0.0
+        assert res["owned_after_load"] == sorted(f"m{i}" for i, o in enumerate(owners) if o == rank)
+        assert "param group 0 was saved with other storage options {'bits': (8, 4)}" in res["other_options_error"]
+        assert res["untouched_after_refusal"] is True
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -11,6 +11,9 @@ Scenarios (argv[1], comma separated):
   plain  a plain MuonQ handed to deepspeed.initialize: the first step must refuse, not train.
   moe    like fp32 on a tiny Qwen3-MoE (stacked experts (E, 2I, H) with gate/up halves, routers to AdamW).
   gqa    like fp32 on a tiny Phi-3 (fused grouped-query qkv_proj with pieces of unequal sizes, fused gate_up).
+  reshape  another number of ranks (muonq_hf.deepspeed_checkpoint), identical batches: 2 ranks -> one process
+         (consolidate at step K, a plain MuonQ continues to N) and one process -> 2 ranks (a one-process
+         checkpoint at K loaded into a fresh engine); both against the uninterrupted runs.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from transformers import (  # noqa: E402
 from muonq_hf import MuonQ, param_groups  # noqa: E402
 from muonq_hf.checkpoint import CheckpointError  # noqa: E402
 from muonq_hf.deepspeed import DeepSpeedMuonQ, initialize, verify_engine  # noqa: E402
+from muonq_hf.deepspeed_checkpoint import consolidated_state, load_consolidated_state  # noqa: E402
 from muonq_hf.matrices import plan_of  # noqa: E402
 from muonq_hf.orthogonalize import muon_scale  # noqa: E402
 
@@ -187,6 +191,66 @@ def flat_states(opt: DeepSpeedMuonQ) -> list[dict]:
     return list(opt.state.values())
 
 
+def single_process(start_state: dict | None, start: int, stop: int, **extra) -> tuple[torch.nn.Module, MuonQ]:
+    """Plain MuonQ on the fp32 model, steps [start, stop), from ``start_state`` ({"model", "optimizer"})."""
+    model = make_model()
+    opt = MuonQ(param_groups(model), **OPTIONS, **extra)
+    if start_state is not None:
+        model.load_state_dict(start_state["model"])
+        opt.load_state_dict(start_state["optimizer"])
+    for step in range(start, stop):
+        ids = batch(step, 0, None)
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        opt.step()
+        model.zero_grad(set_to_none=True)
+    return model, opt
+
+
+def run_reshape(stage: int, rank: int) -> dict:
+    """2 ranks -> 1 process and 1 process -> 2 ranks through the consolidated (one-process) checkpoint."""
+    result = {}
+    model = make_model()
+    opt = DeepSpeedMuonQ(param_groups(model), **OPTIONS)
+    engine, *_ = initialize(model, opt, ds_config(stage, False, 1, BATCH))
+    train_ds(engine, 0, RESUME_AT, 1, None, torch.float32)
+    full = consolidated_state(engine, model)  # collective; rank 0 gets it
+    train_ds(engine, RESUME_AT, STEPS, 1, None, torch.float32)
+    straight = full_weights(model)
+    if rank == 0:  # 2 -> 1: a plain MuonQ in this process continues from the consolidated checkpoint
+        _, alone_opt = single_process(None, 0, RESUME_AT)  # what one process holds at step K
+        result["consolidated_state_equal"] = state_equal(full["optimizer"]["state"], alone_opt.state_dict()["state"])
+        one, _ = single_process(full, RESUME_AT, STEPS)  # (its loader keeps some of full's tensors: compare first)
+        result["two_to_one_max_diff"] = max((straight[n] - p).abs().max().item() for n, p in one.named_parameters())
+    # 1 -> 2: a one-process checkpoint at step K (each rank computes it: same seed, same batches)
+    alone, alone_opt = single_process(None, 0, RESUME_AT)
+    start = {"model": alone.state_dict(), "optimizer": alone_opt.state_dict()}
+    model2 = make_model()
+    opt2 = DeepSpeedMuonQ(param_groups(model2), **OPTIONS)
+    engine2, *_ = initialize(model2, opt2, ds_config(stage, False, 1, BATCH))
+    eight, eight_opt = single_process(None, 0, RESUME_AT, bits=8)  # saved with other storage options: refused,
+    other = {"model": eight.state_dict(), "optimizer": eight_opt.state_dict()}  # and nothing changes
+    try:
+        load_consolidated_state(engine2, model2, other)
+        result["other_options_error"] = None
+    except CheckpointError as exc:
+        result["other_options_error"] = str(exc)
+    result["untouched_after_refusal"] = not any(flat_states(opt2))
+    load_consolidated_state(engine2, model2, start)
+    train_ds(engine2, RESUME_AT, STEPS, 1, None, torch.float32)
+    reference_run, _ = single_process(None, 0, STEPS)
+    got = full_weights(model2)
+    result["one_to_two_max_diff"] = max((got[n] - p).abs().max().item() for n, p in reference_run.named_parameters())
+    result["owned_after_load"] = sorted(k.split(".")[0] for state in flat_states(opt2) for k in state
+                                        if k.startswith("m") and k.endswith(".step"))
+    return result
+
+
+def state_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) if torch.is_tensor(x[k]) else x[k] == y[k] for k in x)
+        for x, y in ((a[i], b[i]) for i in a))
+
+
 def run(scenario: str, stage: int, rank: int, out: dict, tmp: str) -> None:
     bf16 = scenario == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -196,6 +260,9 @@ def run(scenario: str, stage: int, rank: int, out: dict, tmp: str) -> None:
     model = make_model(dtype, scenario)
     micro = BATCH // 2 if half is not None else BATCH
     key = f"{scenario}/stage{stage}"
+    if scenario == "reshape":
+        out[key] = run_reshape(stage, rank)
+        return
     if scenario == "plain":
         opt = MuonQ(param_groups(model), **OPTIONS)
         config = {**ds_config(stage, False, 1, BATCH), "zero_allow_untested_optimizer": True}
