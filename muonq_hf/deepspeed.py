@@ -1,8 +1,10 @@
-"""MuonQ under DeepSpeed ZeRO stages 1 and 2: Newton-Schulz on whole matrices recovered from flat partitions.
+"""MuonQ under DeepSpeed ZeRO stages 1, 2 and 3: Newton-Schulz on whole matrices recovered from flat partitions.
 
-Under ZeRO 1/2 DeepSpeed replaces every param group's ``params`` by one flat 1-D fp32 partition per rank and
-calls the client optimizer's ``step()`` once per group, on the reduced, unscaled and clipped gradient of that
-partition. A Muon matrix may straddle partitions. ``DeepSpeedMuonQ`` keeps the matrix structure this way:
+DeepSpeed replaces the params of the client optimizer's groups by flat 1-D fp32 partitions and calls its
+``step()`` once per partition, on the reduced, unscaled and clipped gradient of that partition: ZeRO 1/2 one
+partition per param group and rank (a Muon matrix may straddle partitions); ZeRO-3 one per sub-group and rank,
+holding 1/world of every parameter (its other groups are emptied meanwhile). ``DeepSpeedMuonQ`` keeps the
+matrix structure this way:
 
 1. Each Muon matrix has an owner rank (``backends.common.assign_owners``, balanced by state bytes). The owner
    receives the matrix's whole reduced gradient: every rank writes the elements of its partition into a zero
@@ -17,23 +19,27 @@ partition. A Muon matrix may straddle partitions. ``DeepSpeedMuonQ`` keeps the m
 AdamW groups are elementwise and run on the flat partitions directly. DeepSpeed calls ``step()`` only at the
 gradient-accumulation boundary, so NS5 runs once per optimizer step, never per micro-batch.
 
+Where a parameter's slice sits in a flat partition (``_fragment``): ZeRO 1/2 keep it in each parameter's
+``_hp_mapping`` (``lp_fragment_address``/``hp_fragment_address``), the mapping that backs DeepSpeed's public
+``safe_get_full_grad``/``safe_get_full_fp32_param`` and universal checkpoints, stable since 0.10. ZeRO-3 rank k
+holds elements [k s, k s + s) of every parameter (s = ``partition_numel()``), and the public
+``safe_get_local_fp32_param`` returns a view of them inside the flat partition. Models built under
+``zero.Init`` hold empty tensors: shapes come from ``ds_shape`` (``matrices.shaped``).
+
 Why not DeepSpeed's native Muon path (0.18+, ``MuonWithAuxAdam``)? It runs the Muon update inside
 ``stage_1_and_2.py``'s gradient flattening, gated by ``p.use_muon`` and by the optimizer class name; the
 surrounding code (momentum staging, split-matrix all-reduce, the offload path, loss-scale bookkeeping) has been
-rewritten release after release and keeps an fp32 flat momentum that a 4-bit codec cannot plug into. The design
-here uses only two things that every ZeRO 1/2 release since 0.10 keeps stable: the client-optimizer contract
-above, and each parameter's ``_hp_mapping`` (``lp_fragment_address``/``hp_fragment_address``: where the part of
-a parameter held by this rank sits in the parameter and in the flat partition), the mapping that backs
-DeepSpeed's public ``deepspeed.utils.safe_get_full_grad``/``safe_get_full_fp32_param`` and universal
-checkpoints. We never set ``p.use_muon``; ``DeepSpeedMuonQ`` refuses parameters that carry it, since DeepSpeed
-would then run its own Muon on them first (its name test, ``'muon' in class name``, matches ``MuonQ``).
-The native path's record also shows why a separate, tested path is worth it: it silently ran no Newton-Schulz at
-ZeRO stage 0 (deepspeedai/DeepSpeed#8441) and under ``zero.Init`` at stage 3 (#8438), and its routing by
-``p.ndim >= 2`` minus name keywords gives GPT-2's ``wte``/``wpe`` to Muon; MuonQ's routing stays in its groups.
+rewritten release after release and keeps an fp32 flat momentum that a 4-bit codec cannot plug into. We never
+set ``p.use_muon``; ``DeepSpeedMuonQ`` refuses parameters that carry it, since DeepSpeed would then run its own
+Muon on them first (its name test, ``'muon' in class name``, matches ``MuonQ``). The native path's record also
+shows why a separate, tested path is worth it: it silently ran no Newton-Schulz at ZeRO stage 0
+(deepspeedai/DeepSpeed#8441) and under ``zero.Init`` at stage 3 (#8438), and its routing by ``p.ndim >= 2``
+minus name keywords gives GPT-2's ``wte``/``wpe`` to Muon; MuonQ's routing stays in its groups.
 
-Anything else stops at start-up (``check_deepspeed_config``, ``verify_engine``): ZeRO 0 and 3, fp16, optimizer
-or parameter offload (Accelerate would swap the optimizer for DeepSpeed's CPU Adam), a DeepSpeed ``optimizer``
-section, elastic or universal checkpoints, round-robin gradients, ZenFlow, ``adamw_bits=8``.
+Checkpoints resume on the same number of data-parallel ranks; ``muonq_hf.deepspeed_checkpoint`` moves a run to
+another one. Anything else stops at start-up (``check_deepspeed_config``, ``verify_engine``): ZeRO 0, fp16,
+optimizer or parameter offload (Accelerate would swap the optimizer for DeepSpeed's CPU Adam), a DeepSpeed
+``optimizer`` section, elastic or universal checkpoints, round-robin gradients, ZenFlow, ``adamw_bits=8``.
 """
 
 from __future__ import annotations
@@ -129,7 +135,7 @@ def _muon_attr_params(params: Iterable[torch.Tensor]) -> list[tuple[int, ...]]:
 
 
 class DeepSpeedMuonQ(MuonQ):
-    """``MuonQ`` that runs as the client optimizer of DeepSpeed ZeRO 1/2 (see the module docstring).
+    """``MuonQ`` that runs as the client optimizer of DeepSpeed ZeRO 1, 2 or 3 (see the module docstring).
 
     Built exactly like ``MuonQ`` (same param groups and options). Before DeepSpeed takes the parameters it
     records, per group, weak references to them and their position in the optimizer, which fixes each
@@ -182,7 +188,7 @@ class DeepSpeedMuonQ(MuonQ):
                     f"DeepSpeedMuonQ: this checkpoint was written with a data-parallel world size of {int(saved)}, "
                     f"now it is {world}: MuonQ's packed momentum is owned per matrix by one rank, so resume with "
                     f"{int(saved)} ranks, or move the run through muonq_hf.deepspeed_checkpoint (consolidated_state "
-                    "on the old ranks, load_consolidated_state on the new ones; docs/distributed.md)"
+                    "on the old ranks, load_consolidated_state on the new ones; README.md, DeepSpeed)"
                 )
         self._check_owners(state_dict)
         super().load_state_dict(state_dict)
