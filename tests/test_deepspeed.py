@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from launch import torchrun_two, worker_env
+from launch import accelerate_launch, torchrun_two, worker_env
 
 pytest.importorskip("deepspeed")
 
@@ -130,6 +130,10 @@ def test_muonq_steps_once_per_optimizer_step_with_state_split_by_matrix(ds_runs,
     assert owned == [{f"m{i}" for i, r in enumerate(owners) if r == rank} for rank in (0, 1)], owned
     assert owned[0] | owned[1] == {f"m{i}" for i in range(8)} and not owned[0] & owned[1]
     assert owned[0] == {"m0", "m1", "m4", "m6"}, owned  # 1600 + 2 x 6400 (+ one c_attn) on each rank
+    size = {"torch.uint8": 1, "torch.float16": 2, "torch.float32": 4}
+    muon_bytes = [sum(math.prod(shape) * size[dtype] for k, (dtype, shape) in r[f"fp32/stage{stage}"]["packed"].items()
+                      if ".m" in k) for r in ranks]
+    assert muon_bytes[0] == muon_bytes[1] > 0, muon_bytes  # per rank half of the packed Muon state (measured 10396 B)
     for r in ranks:
         packed = r[f"fp32/stage{stage}"]["packed"]
         assert all(dtype == "torch.uint8" for k, (dtype, _) in packed.items() if k.endswith("_codes"))
@@ -234,6 +238,21 @@ def test_trainer_optim_muonq_with_deepspeed_config(trainer_runs, stage):
         assert r["ns_calls"] == 4 * 8 // 2 and r["resumed_ns_calls"] == 2 * 8 // 2
         assert r["resume_max_diff"] == 0.0
         assert len(r["loss"]) == 4 and all(math.isfinite(x) for x in r["loss"])
+
+
+def test_accelerate_launch_with_the_zero3_yaml(tmp_path):
+    """``accelerate launch --config_file examples/accelerate/deepspeed_zero3.yaml`` (zero3_init_flag on, the
+    DeepSpeed config from the yaml, no --deepspeed): from_pretrained builds the model under zero.Init, the
+    Trainer steps DeepSpeedMuonQ under ZeRO-3 with the 8 hidden matrices on Muon, and resumes exactly."""
+    accelerate_launch(str(ROOT / "examples" / "accelerate" / "deepspeed_zero3.yaml"), str(TRAINER_WORKER),
+                      str(ROOT / "examples" / "deepspeed" / "zero3_bf16.json"),
+                      env=worker_env(DS_ACCELERATOR="cpu", DS_OUT=str(tmp_path)))
+    for rank in range(2):
+        r = json.loads((tmp_path / f"trainer_stage3_rank{rank}.json").read_text())
+        assert r["partitioned_at_init"] is True and r["zero_stage"] == 3
+        assert r["chain"] == ["DeepSpeedOptimizerWrapper", "DeepSpeedZeroOptimizer_Stage3", "DeepSpeedMuonQ"]
+        assert len(r["muon"]) == 8 and not any("wte" in n or "wpe" in n for n in r["muon"])
+        assert r["ns_calls"] == 4 * 8 // 2 and r["resume_max_diff"] == 0.0
 
 
 def test_trainer_refuses_offload_before_accelerate_swaps_the_optimizer(tmp_path):

@@ -1,4 +1,4 @@
-"""2-rank HF Trainer + DeepSpeed ZeRO worker (torchrun, gloo on CPU) for tests/test_deepspeed.py.
+"""2-rank HF Trainer + DeepSpeed ZeRO worker (torchrun or accelerate launch, gloo on CPU) for tests/test_deepspeed.py.
 
 For each DeepSpeed config in argv (examples/deepspeed/*.json): ``--optim muonq --deepspeed <config> --bf16``
 trains a tiny GPT-2 for 4 steps (2 micro-batches each) saving at step 2, then resumes a fresh Trainer from
@@ -36,8 +36,10 @@ from transformers import GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E4
 def trainer(out: str, config: str, max_steps: int, pretrained: str | None = None) -> Trainer:
     """``pretrained``: load the model with from_pretrained after the TrainingArguments exist, which under a ZeRO-3
     config builds it inside deepspeed.zero.Init (each parameter partitioned as it is created)."""
-    args = TrainingArguments(
-        output_dir=out, optim="muonq", deepspeed=config, bf16=True, max_steps=max_steps, learning_rate=0.02,
+    via_accelerate = "ACCELERATE_DEEPSPEED_CONFIG_FILE" in os.environ  # set by `accelerate launch` only
+    args = TrainingArguments(  # under `accelerate launch` the DeepSpeed config comes from its yaml, not --deepspeed
+        output_dir=out, optim="muonq", deepspeed=None if via_accelerate else config, bf16=True, max_steps=max_steps,
+        learning_rate=0.02,
         per_device_train_batch_size=2, gradient_accumulation_steps=2, save_steps=2, save_strategy="steps",
         logging_steps=1, report_to="none", seed=0, data_seed=0, lr_scheduler_type="constant",
         dataloader_num_workers=0, save_only_model=False,

@@ -32,6 +32,14 @@ def torchrun_two(*program: str, env: dict[str, str] | None = None, timeout: int 
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
 
 
+def accelerate_launch(config_file: str, *program: str, env: dict[str, str] | None = None, timeout: int = 600) -> None:
+    """``accelerate launch --config_file CONFIG --main_process_port PORT *program`` (the yaml sets 2 processes)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file, "--main_process_port",
+           str(free_port()), *program]
+    proc = subprocess.run(cmd, env=env or worker_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+
+
 def exit_after_results() -> None:
     """End a 2-rank worker once its results are written, skipping the interpreter's teardown: a gloo / DeepSpeed
     comm thread still running at exit aborted a rank now and then ("terminate called without an active
