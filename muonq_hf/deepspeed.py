@@ -201,11 +201,11 @@ class DeepSpeedMuonQ(MuonQ):
             return
         for g, (saved, group) in enumerate(zip(state_dict.get("param_groups", []), self.param_groups, strict=False)):
             index = self._group_ids.get(id(group))
-            flat_state = state_dict["state"].get(saved["params"][0], {}) if saved.get("params") else {}
-            if index is None or not group["use_muon"] or not flat_state:
+            flat_states = [state_dict["state"].get(i, {}) for i in saved.get("params", [])]  # ZeRO-3: per sub-group
+            if index is None or not group["use_muon"] or not any(flat_states):
                 continue
             mine = {i for i, _, r in self._owned(index, group) if r == self._rank(index)}
-            foreign = owned_indices(flat_state) - mine
+            foreign = set().union(*map(owned_indices, flat_states)) - mine
             if foreign:
                 raise CheckpointError(
                     f"DeepSpeedMuonQ.load_state_dict: param group {g} of this rank's checkpoint holds the Muon state "
@@ -229,13 +229,13 @@ class DeepSpeedMuonQ(MuonQ):
         """True when ZeRO has replaced each (visible) group's parameters by one flat partition of its own (ZeRO-3
         steps one sub-group at a time and leaves the other groups empty)."""
         stepped = [group for group in self.param_groups if group["params"]]
-        for group in stepped:
+        for group in stepped:  # (ZeRO-3 also puts all of a group's sub-group partitions in it to save and load)
             index = self._group_ids.get(id(group))
-            if index is None or len(group["params"]) != 1:
+            if index is None:
                 return False
-            flat = group["params"][0]
-            if flat.ndim != 1 or any(ref() is flat for ref in self._lp_refs[index]):
-                return False  # a real 1-D parameter (bias, norm) of a plain, non-ZeRO run
+            real = {id(ref()) for ref in self._lp_refs[index]}
+            if any(flat.ndim != 1 or id(flat) in real for flat in group["params"]):
+                return False  # a real parameter (a matrix, or a bias / norm) of a plain, non-ZeRO run
         return bool(stepped)
 
     def _lp_params(self, index: int) -> list[torch.Tensor]:
