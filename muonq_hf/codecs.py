@@ -190,9 +190,19 @@ def dequantize(
         return torch.zeros(*codes.shape[:-1], n, device=codes.device)
     if granularity == "matrix":
         return _dequantize_by_table(codes, scale, n, bits, mu)
+    return _dequantize_fused(codes, scale, n, bits, mu, granularity, block_size)
+
+
+def _dequantize(
+    codes: torch.Tensor, scale: torch.Tensor, n: int, bits: int, mu: float, granularity: str, block_size: int | None
+) -> torch.Tensor:
+    """``dequantize`` element by element (column and block scales): unpack, scale, expand the mu-law."""
     q = unpack4(codes, n) if bits == 4 else codes.view(torch.int8)
     s = _broadcast_scale(scale.float(), granularity, n, block_size)
     return expand(q.float() * s, mu)
+
+
+_dequantize_fused = fused(_dequantize)  # a dozen elementwise ops (kernel launches on a GPU) in one loop
 
 
 def _dequantize_by_table(codes: torch.Tensor, scale: torch.Tensor, n: int, bits: int, mu: float) -> torch.Tensor:
@@ -208,9 +218,7 @@ def _dequantize_by_table(codes: torch.Tensor, scale: torch.Tensor, n: int, bits:
     qmax = QMAX[bits]
     levels = torch.arange(-qmax - 1, qmax + 1, dtype=torch.float32, device=codes.device)  # (2^bits,)
     values = expand(levels * scale.float().reshape(k, 1), mu)  # (k, 2^bits): C^-1(q s) for q = -qmax-1..qmax
-    byte = torch.arange(256, dtype=torch.uint8, device=codes.device).unsqueeze(-1)  # (256, 1)
-    codes_in_byte = unpack4(byte, 2) if bits == 4 else byte.view(torch.int8)  # (256, codes per byte)
-    table = values[:, codes_in_byte.long() + qmax + 1]  # (k, 256, codes per byte)
+    table = values[:, _levels_of_byte(bits, codes.device)]  # (k, 256, codes per byte)
     index = codes.reshape(k, m * width).int()
     if k > 1:  # matrix i reads rows [256 i, 256 i + 256) of the stacked tables
         index = index + 256 * torch.arange(k, dtype=torch.int32, device=codes.device).unsqueeze(-1)
@@ -219,6 +227,14 @@ def _dequantize_by_table(codes: torch.Tensor, scale: torch.Tensor, n: int, bits:
         table = table.contiguous().view(torch.float64)
     out = table.flatten().index_select(0, index.flatten())  # (k m width) words
     return out.view(torch.float32).view(*lead, m, -1)[..., :n]
+
+
+@functools.lru_cache(maxsize=16)
+def _levels_of_byte(bits: int, device: torch.device) -> torch.Tensor:
+    """(256, codes per byte) int64: the level index (code + qmax + 1) of each code a stored byte holds."""
+    byte = torch.arange(256, dtype=torch.uint8, device=device).unsqueeze(-1)  # (256, 1)
+    codes_in_byte = unpack4(byte, 2) if bits == 4 else byte.view(torch.int8)
+    return codes_in_byte.long() + QMAX[bits] + 1
 
 
 # ----------------------------------------------------------- blockwise dynamic 8-bit (AdamW's m and v)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import muonq_hf.kernels as kernels
-from muonq_hf.codecs import _quantize, quantize
+from muonq_hf.codecs import _dequantize, _quantize, dequantize, quantize
 from muonq_hf.lowrank import no_reduction
 from muonq_hf.momentum import _normalized_update, _normalized_update_fused
 from muonq_hf.options import DEFAULTS
@@ -103,3 +103,18 @@ def test_a_failed_compilation_falls_back_to_eager_once(monkeypatch, caplog, comp
         assert torch.equal(f(torch.ones(2)), 2 * torch.ones(2))
     warnings = [r for r in caplog.records if "compiling" in r.getMessage()]
     assert len(warnings) == 1 and "running it eagerly from now on" in warnings[0].getMessage()
+
+
+@pytest.mark.parametrize(("bits", "granularity", "block_size", "shape"), [
+    (4, "column", None, (2, 96, 12)),
+    (4, "block", 64, (1, 40, 201)),  # odd width: the padded last nibble is dropped
+    (8, "column", None, (1, 33, 7)),
+])
+def test_compiled_decode_gives_the_eager_values(compiling, bits, granularity, block_size, shape):
+    """Unpack, scale and expand in one loop: the eager values (fp32 expm1 of the same products, to 1 ulp)."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3)) / 10
+    codes, scale = quantize(x, bits, 255.0, granularity, block_size)
+    got = dequantize(codes, scale, shape[-1], bits, 255.0, granularity, block_size)
+    ref = _dequantize(codes, scale, shape[-1], bits, 255.0, granularity, block_size)
+    torch.testing.assert_close(got, ref, rtol=2e-7, atol=0)
+    assert (got - x).abs().max() < x.abs().max() / 2  # and they decode x (to a 4-bit code's step)
