@@ -35,9 +35,10 @@ from .peers import installed
 from .speed import step_times
 from .variants import VARIANTS
 
-GPU_SPEED_ROWS = ("torch_muon", "keller_muon", "muonq", "muonq_adam8", "adamw", "bnb_adamw8bit_hf",
-                  "torchao_adamw8bit")
-GPU_PEAK_ROWS = ("none", "adamw", "bnb_adamw8bit_hf", "torchao_adamw8bit", "torch_muon", "muonq", "muonq_adam8")
+GPU_SPEED_ROWS = ("torch_muon", "keller_muon", "muonq", "muonq_unbatched", "muonq_adam8", "adamw",
+                  "bnb_adamw8bit_hf", "torchao_adamw8bit")
+GPU_PEAK_ROWS = ("none", "adamw", "bnb_adamw8bit_hf", "torchao_adamw8bit", "torch_muon", "muonq", "muonq_unbatched",
+                 "muonq_adam8")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -31,6 +31,7 @@ class Variant:
     label: str
     kind: str
     options: dict[str, Any] = field(default_factory=dict)  # MuonQ group options (muonq / muon_bf16 kinds)
+    constructor: dict[str, Any] = field(default_factory=dict)  # MuonQ constructor arguments (batch_elements)
 
     @property
     def family(self) -> str:
@@ -58,6 +59,8 @@ ABLATION_ROWS = [
     # the same algorithm without quantization: separates MuonQ's 4-bit error from its algorithmic changes
     Variant("muonq_fp32", "MuonQ fp32 (no quantization)", "muonq", dict(bits=32)),
 ]
+# MuonQ stepping one matrix at a time (cross-parameter batches off): what batching gains on a GPU
+BATCHING_ROWS = [Variant("muonq_unbatched", "MuonQ 4-bit, one matrix at a time", "muonq", {}, {"batch_elements": 0})]
 PEER_ROWS = [
     Variant("torch_muon", "torch.optim.Muon + AdamW", "torch_muon"),
     Variant("keller_muon", "Keller Jordan's Muon + Adam", "keller_muon"),
@@ -65,7 +68,7 @@ PEER_ROWS = [
     Variant("torchao_adamw8bit", "torchao AdamW8bit", "torchao_adamw8bit"),
     Variant("torchao_adamw4bit", "torchao AdamW4bit", "torchao_adamw4bit"),
 ]
-VARIANTS: dict[str, Variant] = {v.name: v for v in MAIN_ROWS + ABLATION_ROWS + PEER_ROWS}
+VARIANTS: dict[str, Variant] = {v.name: v for v in MAIN_ROWS + ABLATION_ROWS + PEER_ROWS + BATCHING_ROWS}
 # step time: MuonQ against what users would pick instead, and the package's own fp32 Muon
 SPEED_ROWS = [VARIANTS[name] for name in (
     "torch_muon", "keller_muon", "muonq", "muonq_adam8", "muon_fp32", "adamw", "bnb_adamw8bit_hf", "bnb_adamw8bit",
@@ -99,4 +102,4 @@ def make_optimizer(variant: Variant, model: nn.Module, lr: float, weight_decay: 
     if variant.kind not in ("muonq", "muon_bf16"):
         return build_peer(variant.kind, model, lr, weight_decay)
     cls = MuonBF16 if variant.kind == "muon_bf16" else MuonQ
-    return cls(muon_groups(model, variant, weight_decay), lr=lr)
+    return cls(muon_groups(model, variant, weight_decay), lr=lr, **variant.constructor)

@@ -123,28 +123,80 @@ def momentum_step(
     step's Gaussian of each expert is the single-process one. ``index`` is the parameter's position in the
     optimizer (keys its generators).
     """
-    step = int(state["step"]) + 1 if "step" in state else 1
-    first, total = experts if experts is not None else (0, G.size(0))
+    return momentum_steps(plan, [G], [state], group, [index], start, count, experts, row_sum, row_max)
+
+
+def momentum_steps(
+    plan: MatrixPlan,
+    Gs: list[torch.Tensor],
+    states: list[dict],
+    group: dict,
+    indices: list[int],
+    start: int = 0,
+    count: int | None = None,
+    experts: tuple[int, int] | None = None,
+    row_sum: RowSum = no_reduction,
+    row_max: RowSum = no_reduction,
+) -> torch.Tensor:
+    """``momentum_step`` of k parameters with the same plan and options at once; returns their NS inputs
+    stacked, (k E, count, n).
+
+    Every operation of the step acts on each matrix alone, so the k parameters' matrices go through each
+    kernel together (one launch instead of k on a GPU) and get the values of k single steps. Each keeps its
+    own state, step count and first-step Gaussian (keyed by its index). The states must all be past their
+    first step or all before it. Stochastic rounding keys its noise per parameter: one parameter at a time.
+    """
+    k = len(Gs)
+    if k > 1 and group["stochastic_rounding"]:
+        raise ValueError("momentum_steps: stochastic_rounding draws its noise per parameter; step them one by one")
+    steps = [int(state["step"]) + 1 if "step" in state else 1 for state in states]
+    E = Gs[0].size(0)  # local experts of each parameter
+    first, total = experts if experts is not None else (0, E)
     momentum = QuantizedMomentum(plan, group)
+    G = Gs[0] if k == 1 else torch.cat(Gs)  # (k E, count, n)
     X = None if plan.whole else torch.empty_like(G)  # one piece: the batch's result is X itself
     for b, pieces_b in enumerate(plan.batches):
-        key = (index,) if b == 0 else (index, b)
+        keys = [(index,) if b == 0 else (index, b) for index in indices]
         c = len(pieces_b)
 
-        def R_init(cols: int, r: int, key: tuple[int, ...] = key, c: int = c) -> torch.Tensor:
-            draw = torch.randn((total * c, cols, r), generator=generator(group["seed"], *key), dtype=torch.float32)
-            return draw[first * c : (first + G.size(0)) * c]  # (E_local * c, cols, r)
+        def R_init(cols: int, r: int, keys: list[tuple[int, ...]] = keys, c: int = c) -> torch.Tensor:
+            draws = [
+                torch.randn((total * c, cols, r), generator=generator(group["seed"], *key), dtype=torch.float32)[
+                    first * c : (first + E) * c
+                ]
+                for key in keys
+            ]  # each (E_local * c, cols, r)
+            return draws[0] if k == 1 else torch.cat(draws)
 
-        pieces = momentum.load(state, b, start, count)
-        G_b = plan.take(G, b, start, count)  # (E * c, L, cols)
-        X_b = muonq_momentum(G_b, momentum, b, pieces, R_init, (*key, step), row_sum, row_max)
-        momentum.store(state, b, pieces, start, count)
+        pieces = _joined([momentum.load(state, b, start, count) for state in states])
+        G_b = plan.take(G, b, start, count)  # (k E c, L, cols)
+        X_b = muonq_momentum(G_b, momentum, b, pieces, R_init, (*keys[0], steps[0]), row_sum, row_max)
+        for state, part in zip(states, _split(pieces, k), strict=True):
+            momentum.store(state, b, part, start, count)
         if X is None:
             X = X_b
         else:
             plan.put(X, b, X_b, start, count)
-    state["step"] = torch.tensor(float(step))
+    for state, step in zip(states, steps, strict=True):
+        state["step"] = torch.tensor(float(step))
     return X
+
+
+def _joined(pieces: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The pieces of k parameters' states as one batch (concatenated on the matrix dim)."""
+    if len(pieces) == 1:
+        return pieces[0]
+    if any(p.keys() != pieces[0].keys() for p in pieces):
+        raise ValueError("momentum_steps: the states are not at the same stage (a first step among later ones)")
+    return {key: torch.cat([p[key] for p in pieces]) for key in pieces[0]}
+
+
+def _split(pieces: dict[str, torch.Tensor], k: int) -> list[dict[str, torch.Tensor]]:
+    """``_joined`` undone after the step: each parameter's own copies (a view would keep the whole batch)."""
+    if k == 1:
+        return [pieces]
+    parts = {key: value.chunk(k) for key, value in pieces.items()}
+    return [{key: chunks[i].clone() for key, chunks in parts.items()} for i in range(k)]
 
 
 # ------------------------------------------------------------------------- orthogonalize, apply

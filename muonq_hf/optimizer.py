@@ -52,6 +52,10 @@ class MuonQ(torch.optim.Optimizer):
       * distributed (``muonq_hf.backends``, chosen once per set of parameters): DTensor (FSDP2) parameters get
         row-sharded state and one Newton-Schulz per matrix in the world; ``ddp_shard_state=True`` shards the
         state across DDP ranks (ZeRO-1), which makes ``state_dict()`` a collective call.
+      * ``batch_elements``: same-shape matrices of different parameters (the layers of a model) step together,
+        one kernel per operation for all of them, up to this many gradient elements per batch; the values are
+        those of one-by-one steps. None (default): 2^23 on CUDA, off on CPU (``backends.common.BATCH_ELEMENTS``);
+        0: one matrix at a time. One process and DDP; FSDP2 and DeepSpeed step matrix by matrix.
     """
 
     def __init__(
@@ -61,6 +65,7 @@ class MuonQ(torch.optim.Optimizer):
         *,
         nonfinite: str = "error",
         ddp_shard_state: bool = False,
+        batch_elements: int | None = None,
         **options: Any,
     ) -> None:
         unknown = set(options) - (GROUP_KEYS - {"params", "use_muon"})
@@ -73,6 +78,13 @@ class MuonQ(torch.optim.Optimizer):
             raise ValueError(f"nonfinite must be 'error' or 'skip', got {nonfinite!r}")
         if not isinstance(ddp_shard_state, bool):
             raise ValueError(f"MuonQ: ddp_shard_state={ddp_shard_state!r} is not allowed; it must be True or False")
+        if batch_elements is not None and (type(batch_elements) is not int or batch_elements < 0):
+            raise ValueError(
+                f"MuonQ: batch_elements={batch_elements!r} is not allowed; it must be None (the device's default: "
+                "batches on CUDA, none on CPU), 0 (one matrix at a time) or a positive int (gradient elements per "
+                "batch of same-shape matrices stepped together)"
+            )
+        self.batch_elements = batch_elements
         defaults = {**DEFAULTS, **options, "lr": lr}
         self.nonfinite = nonfinite
         self.skipped_steps = 0
@@ -162,7 +174,9 @@ class MuonQ(torch.optim.Optimizer):
         cached = getattr(self, "_chosen", None)
         if cached is None or cached[0] != key:
             params = (p for group in self.param_groups for p in group["params"])
-            self._chosen = (key, choose_backend(params, self.ddp_shard_state, self.momentum_stage))
+            own_stage = type(self).momentum_stage is MuonQ.momentum_stage  # a replaced stage runs matrix by matrix
+            batch = self.batch_elements if own_stage else 0
+            self._chosen = (key, choose_backend(params, self.ddp_shard_state, self.momentum_stage, batch))
         return self._chosen[1]
 
     # ------------------------------------------------------------------------------------ checkpoints

@@ -45,9 +45,13 @@ class Backend(Protocol):
     def keep_local(self, tasks: list[Task], states: MutableMapping[torch.Tensor, dict]) -> None: ...
 
 
-def choose_backend(params: Iterator[torch.Tensor], ddp_shard_state: bool, momentum: MomentumStage) -> Backend:
+def choose_backend(
+    params: Iterator[torch.Tensor], ddp_shard_state: bool, momentum: MomentumStage, batch: int | None = 0
+) -> Backend:
     """The backend these parameters need: FSDP2 if any is a DTensor, DDP state sharding if requested in a
-    multi-rank world, else one process (refusing FSDP1 flat parameters and tensor-parallel layouts)."""
+    multi-rank world, else one process (refusing FSDP1 flat parameters and tensor-parallel layouts).
+    ``batch``: gradient elements of a batch of same-plan matrices stepped together (None: the device's default,
+    0: one by one); the one-process / DDP backend uses it."""
     params = list(params)
     for p in params:
         check_parameter(p)
@@ -59,8 +63,8 @@ def choose_backend(params: Iterator[torch.Tensor], ddp_shard_state: bool, moment
             )
         return FSDP2Backend(momentum)
     if ddp_shard_state and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return OwnerBackend.ddp(momentum)
-    return OwnerBackend(momentum)
+        return OwnerBackend.ddp(momentum, batch=batch)
+    return OwnerBackend(momentum, batch=batch)
 
 
 __all__ = [

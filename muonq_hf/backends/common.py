@@ -7,7 +7,7 @@ A backend decides *where* each stage of the step runs (docs/design.md, "Backends
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -17,7 +17,7 @@ import torch.distributed as dist
 from ..adamw import adamw_step
 from ..lowrank import RowSum
 from ..matrices import MatrixPlan, plan_of
-from ..momentum import apply_update, orthogonalized_update
+from ..momentum import apply_update, momentum_steps, orthogonalized_update
 from ..state import adamw_quantized
 
 
@@ -59,6 +59,60 @@ def whole_muon_step(momentum: MomentumStage, task: Task, state: dict) -> None:
         )
     update = whole_muon_update(momentum, p.grad, state, group, task.index)
     apply_update(p, update, group["lr"], group["weight_decay"])
+
+
+# Default gradient elements of one batch of same-plan Muon parameters stepped together (``whole_muon_steps``), by
+# device type (``MuonQ(batch_elements=...)`` overrides it). A GPU step of small matrices is launch-bound (session
+# 4's H200 profile: ~9600 kernel launches per GPT-2 small step, one matrix at a time): a batch runs each kernel
+# once for all its matrices. Its transients grow with it (~6 fp32 copies of its gradients: <= ~200 MB here),
+# hence the bound. On CPU a batch only adds copies: off.
+BATCH_ELEMENTS: dict[str, int] = {"cuda": 1 << 23}
+
+
+def muon_batches(
+    tasks: list[Task], states: MutableMapping[torch.Tensor, dict], budget: int | None = None
+) -> list[list[Task]]:
+    """Muon parameters of ``tasks`` (with gradients) that can step together: same group, plan, dtype and device,
+    all before or all past their first step, at most ``budget`` gradient elements per batch (None: the device
+    type's ``BATCH_ELEMENTS``); deterministic rounding only (stochastic noise is keyed per parameter). Batches
+    of one are left out: those parameters take ``whole_step``."""
+
+    def limit(p: torch.Tensor) -> int:
+        return BATCH_ELEMENTS.get(p.device.type, 0) if budget is None else budget
+
+    by_key: dict[tuple, list[Task]] = {}
+    for t in tasks:
+        p, group = t.param, t.group
+        if not group["use_muon"] or p.grad is None or p.ndim < 2 or group["stochastic_rounding"]:
+            continue
+        if 2 * p.numel() > limit(p):  # not two of them in a batch
+            continue
+        started = "step" in states.get(p, {})
+        by_key.setdefault((id(group), plan_of(p, group), p.dtype, p.device, started), []).append(t)
+    batches = []
+    for same in by_key.values():
+        batch: list[Task] = []
+        size = limit(same[0].param)
+        for t in same:
+            if batch and sum(u.param.numel() for u in batch) + t.param.numel() > size:
+                batches.append(batch)
+                batch = []
+            batch.append(t)
+        batches.append(batch)
+    return [b for b in batches if len(b) > 1]
+
+
+def whole_muon_steps(tasks: list[Task], states: list[dict]) -> None:
+    """The three stages on k whole parameters of one ``muon_batches`` batch: one momentum stage
+    (``momentum_steps``) and one Newton-Schulz call for all their matrices, then each one's apply; the values
+    of k ``whole_muon_step`` calls."""
+    group = tasks[0].group
+    plan = plan_of(tasks[0].param, group)
+    Gs = [plan.view(t.param.grad.float()) for t in tasks]  # each (E, m, n)
+    X = momentum_steps(plan, Gs, states, group, [t.index for t in tasks])  # (k E, m, n)
+    updates = orthogonalized_update(plan, X, group).chunk(len(tasks))
+    for t, update in zip(tasks, updates, strict=True):
+        apply_update(t.param, update, group["lr"], group["weight_decay"])
 
 
 def whole_step(momentum: MomentumStage, task: Task, state: dict) -> None:

@@ -27,8 +27,10 @@ from .common import (
     all_finite,
     assign_owners,
     global_rank,
+    muon_batches,
     row_ranges,
     state_cost,
+    whole_muon_steps,
     whole_step,
 )
 
@@ -38,13 +40,16 @@ States = MutableMapping[torch.Tensor, dict]
 class OwnerBackend:
     """Whole-matrix owners over ``world`` ranks of ``group`` (world 1: one process, nothing is sent)."""
 
-    def __init__(self, momentum: MomentumStage, group: Any = None, world: int = 1, rank: int = 0) -> None:
+    def __init__(
+        self, momentum: MomentumStage, group: Any = None, world: int = 1, rank: int = 0, batch: int | None = 0
+    ) -> None:
         self.momentum, self.group, self.world, self.rank = momentum, group, world, rank
         self.sharded = world > 1  # the state is split across ranks
+        self.batch = batch  # elements of a batch of same-plan matrices (common.muon_batches); None: by device; 0: off
 
     @classmethod
-    def ddp(cls, momentum: MomentumStage, group: Any = None) -> OwnerBackend:
-        return cls(momentum, group, dist.get_world_size(group), dist.get_rank(group))
+    def ddp(cls, momentum: MomentumStage, group: Any = None, batch: int | None = 0) -> OwnerBackend:
+        return cls(momentum, group, dist.get_world_size(group), dist.get_rank(group), batch)
 
     def owners(self, tasks: list[Task]) -> list[int | None]:
         """Owner rank of each task (None: an AdamW tensor split by rows), identical on every rank."""
@@ -60,12 +65,19 @@ class OwnerBackend:
 
     def step(self, tasks: list[Task], states: States) -> None:
         works = []
-        for task, owner in zip(tasks, self.owners(tasks), strict=True):
+        owners = self.owners(tasks)
+        stepped: set[int] = set()
+        if self.batch != 0:  # batches of this rank's same-plan matrices first (by default none on CPU)
+            mine = [t for t, owner in zip(tasks, owners, strict=True) if owner == self.rank]
+            for batch in muon_batches(mine, states, self.batch):
+                whole_muon_steps(batch, [states[t.param] for t in batch])
+                stepped.update(id(t.param) for t in batch)
+        for task, owner in zip(tasks, owners, strict=True):
             p, group = task.param, task.group
             if p.grad is None:  # DDP reduces every gradient: the same params have grads on every rank
                 continue
             if owner is not None:  # a Muon matrix (or a 0-dim tensor): stepped whole by its owner
-                if owner == self.rank:
+                if owner == self.rank and id(p) not in stepped:
                     whole_step(self.momentum, task, states[p])
                 works.append(self._broadcast(p.data, owner))
                 continue

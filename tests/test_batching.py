@@ -1,0 +1,136 @@
+"""Same-plan matrices of different parameters stepped together (backends.common.muon_batches, on by default on
+CUDA only): the values of one-by-one steps, bit for bit, and fewer kernel launches. Forced on here, on CPU."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from zoo import build, tiny_config
+
+from muonq_hf import MuonQ, param_groups
+from muonq_hf.backends.common import muon_batches
+
+BATCH = 1 << 23  # batches forced on the CPU (off there by default)
+
+
+def gpt2(layers: int = 3) -> GPT2LMHeadModel:
+    torch.manual_seed(0)  # fused QKV (3 pieces), square and rectangular matrices, several of each shape
+    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=layers, n_head=4, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config)
+
+
+def mixtral() -> torch.nn.Module:  # stacked experts (E, 2I, H) with gate/up halves, 2 layers
+    return build(AutoModelForCausalLM, tiny_config("mixtral", num_hidden_layers=2))
+
+
+def train(model: torch.nn.Module, opt: MuonQ, steps: range) -> None:
+    for step in steps:
+        ids = torch.randint(0, min(64, model.config.vocab_size), (2, 16), generator=torch.Generator().manual_seed(step))
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def assert_same(a: torch.nn.Module, b: torch.nn.Module, opt_a: MuonQ, opt_b: MuonQ) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q), f"{name}: max diff {(p - q).abs().max():.3g}"
+    sa, sb = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for key in sa[i]:
+            assert torch.equal(sa[i][key], sb[i][key]), f"state {i} {key}"
+
+
+@pytest.mark.parametrize(("make", "options"), [
+    (gpt2, {}), (gpt2, {"bits": 8, "block_size": 16}), (gpt2, {"nesterov": True, "store_norm": True}),
+    (gpt2, {"bits": 32}), (mixtral, {}),
+])
+def test_batched_steps_equal_one_by_one_steps(make, options):
+    """4 steps (the first one's keyed Gaussians included) and a resume through state_dict: weights and every
+    state entry equal one-by-one MuonQ bit for bit (GPT-2: fused QKV pieces; Mixtral: stacked experts)."""
+    model = make()
+    reference = copy.deepcopy(model)
+    opt = MuonQ(param_groups(model), lr=0.02, batch_elements=BATCH, **options)
+    tasks, state = opt._tasks(), opt.state
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    assert muon_batches(tasks, state) == []  # the CPU's default: one by one
+    batches = muon_batches(tasks, state, BATCH)
+    layers, muon = model.config.num_hidden_layers, [t for t in tasks if t.group["use_muon"]]
+    assert all(len(b) >= layers for b in batches), [len(b) for b in batches]  # one batch per shape and group
+    assert sum(map(len, batches)) == len(muon)  # every Muon matrix is in a batch
+    model.zero_grad(set_to_none=True)
+    ref_opt = MuonQ(param_groups(reference), lr=0.02, batch_elements=0, **options)
+    train(reference, ref_opt, range(4))
+    train(model, opt, range(2))
+    resumed = copy.deepcopy(model)
+    resumed_opt = MuonQ(param_groups(resumed), lr=0.02, batch_elements=BATCH, **options)
+    resumed_opt.load_state_dict(opt.state_dict())
+    train(resumed, resumed_opt, range(2, 4))
+    assert_same(resumed, reference, resumed_opt, ref_opt)
+
+
+def test_a_batch_never_mixes_first_and_later_steps_and_stochastic_rounding_stays_per_parameter():
+    """A matrix whose first gradient comes late starts from its keyed Gaussian like the others did; groups with
+    stochastic rounding (noise keyed per parameter) are not batched."""
+    model, reference = gpt2(), gpt2()
+    late = "transformer.h.1.mlp.c_fc.weight"
+    opts = [MuonQ(param_groups(m), lr=0.02, batch_elements=b) for m, b in ((model, BATCH), (reference, 0))]
+    for step in range(3):
+        for m, opt in zip((model, reference), opts, strict=True):
+            ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(step))
+            m(input_ids=ids, labels=ids).loss.backward()
+            if step == 0:
+                m.get_parameter(late).grad = None  # no gradient at step 0: its first step is step 1
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    assert_same(model, reference, *opts)
+    stochastic = MuonQ(param_groups(gpt2(), stochastic_rounding=True), lr=0.02)
+    for p in stochastic.param_groups[0]["params"]:
+        p.grad = torch.zeros_like(p)
+    assert muon_batches(stochastic._tasks(), stochastic.state, BATCH) == []
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, True, "8M"])
+def test_bad_batch_elements_are_refused(value):
+    with pytest.raises(ValueError, match=rf"batch_elements={value!r} is not allowed; it must be None .* 0 .* int"):
+        MuonQ(param_groups(gpt2()), batch_elements=value)
+
+
+class LaunchCount(TorchDispatchMode):
+    """Dispatched ops that run a kernel (views, allocation and metadata excluded)."""
+
+    FREE = ("view", "as_strided", "slice", "unsqueeze", "transpose", "t.", "expand", "select", "_unsafe_view",
+            "alias", "permute", "squeeze", "detach", "unbind", "split", "empty", "chunk", "unflatten",
+            "_reshape_alias", "lift_fresh", "sym_", "is_same_size", "result_type", "_local_scalar_dense")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if not str(func).removeprefix("aten.").startswith(self.FREE):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_batch_runs_each_kernel_once_for_its_matrices():
+    """The point of batching on a GPU: the optimizer step of a 6-layer GPT-2 dispatches far fewer kernels when
+    the 6 matrices of each shape step together (measured on the CPU's dispatcher: 5374 -> 2253, 2.4x; the
+    AdamW part, parameter by parameter, is unchanged)."""
+    counts = {}
+    for budget in (0, BATCH):
+        model = gpt2(layers=6)
+        opt = MuonQ(param_groups(model), lr=0.02, batch_elements=budget)
+        train(model, opt, range(2))
+        ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(9))
+        model(input_ids=ids, labels=ids).loss.backward()
+        with LaunchCount() as launches:
+            opt.step()
+        counts[budget] = launches.count
+    assert counts[BATCH] < counts[0] / 2, counts
