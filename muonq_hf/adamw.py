@@ -57,6 +57,30 @@ def adamw_step(weight: torch.Tensor, grad: torch.Tensor, state: dict, group: dic
                 state[f"{k}_codes"][chunk], state[f"{k}_absmax"][chunk] = new_codes, new_absmax
 
 
+def adamw_steps(weights: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict], group: dict) -> None:
+    """``adamw_step`` of several fp32 tensors of one group with fp32 moments and the same step count, through
+    ``torch._foreach`` ops: one kernel per operation for all of them on a GPU (the per-tensor ops, in the same
+    order: the values of one-by-one steps). For tensors small enough to need no chunks (``CHUNK_ELEMENTS``)."""
+    for grad, state in zip(grads, states, strict=True):
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            for k in ADAMW_MOMENTS:
+                state[k] = torch.zeros_like(grad, dtype=torch.float32)
+        state["step"] += 1
+    step = states[0]["step"].item()
+    beta1, beta2 = group["betas"]
+    exp_avg, exp_avg_sq = ([state[k] for state in states] for k in ADAMW_MOMENTS)
+    torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sq, beta2)
+    torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
+    bias1, bias2 = 1 - beta1**step, 1 - beta2**step
+    denom = torch._foreach_sqrt(exp_avg_sq)
+    torch._foreach_div_(denom, math.sqrt(bias2))
+    torch._foreach_add_(denom, group["eps"])
+    torch._foreach_mul_(weights, 1 - group["lr"] * group["weight_decay"])
+    torch._foreach_addcdiv_(weights, exp_avg, denom, value=-group["lr"] / bias1)
+
+
 def zero_moment(key: str, rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The 8-bit codes and block absmax of an all-zero moment, as ``quantize_dynamic8`` of zeros gives them
     (absmax clamped to 1e-12, every code the map's zero), filled directly: quantizing a zero embedding of 500M

@@ -1,5 +1,6 @@
-"""Same-plan matrices of different parameters stepped together (backends.common.muon_batches, on by default on
-CUDA only): the values of one-by-one steps, bit for bit, and fewer kernel launches. Forced on here, on CPU."""
+"""Same-plan matrices of different parameters stepped together (backends.common.muon_batches) and small AdamW
+tensors through foreach ops (adamw_batches), on by default on CUDA only: the values of one-by-one steps, bit for
+bit, and fewer kernel launches. Forced on here, on CPU (MuonQ(batch_elements=...))."""
 
 from __future__ import annotations
 
@@ -121,8 +122,9 @@ class LaunchCount(TorchDispatchMode):
 
 def test_a_batch_runs_each_kernel_once_for_its_matrices():
     """The point of batching on a GPU: the optimizer step of a 6-layer GPT-2 dispatches far fewer kernels when
-    the 6 matrices of each shape step together (measured on the CPU's dispatcher: 5374 -> 2253, 2.4x; the
-    AdamW part, parameter by parameter, is unchanged)."""
+    the 6 matrices of each shape step together and the small AdamW tensors go through foreach ops (measured on
+    the CPU's dispatcher: 5374 -> 1853, 2.9x; on CPU Newton-Schulz still loops over the matrices of a batch,
+    540 of the 1853, where a GPU runs one batched call per product)."""
     counts = {}
     for budget in (0, BATCH):
         model = gpt2(layers=6)
@@ -133,4 +135,4 @@ def test_a_batch_runs_each_kernel_once_for_its_matrices():
         with LaunchCount() as launches:
             opt.step()
         counts[budget] = launches.count
-    assert counts[BATCH] < counts[0] / 2, counts
+    assert counts[BATCH] < counts[0] / 2.5, counts

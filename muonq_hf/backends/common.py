@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from ..adamw import adamw_step
+from ..adamw import CHUNK_ELEMENTS, adamw_step
 from ..lowrank import RowSum
 from ..matrices import MatrixPlan, plan_of
 from ..momentum import apply_update, momentum_steps, orthogonalized_update
@@ -95,6 +95,37 @@ def muon_batches(
         size = limit(same[0].param)
         for t in same:
             if batch and sum(u.param.numel() for u in batch) + t.param.numel() > size:
+                batches.append(batch)
+                batch = []
+            batch.append(t)
+        batches.append(batch)
+    return [b for b in batches if len(b) > 1]
+
+
+def adamw_batches(
+    tasks: list[Task], states: MutableMapping[torch.Tensor, dict], budget: int | None = None
+) -> list[list[Task]]:
+    """Small AdamW tensors of ``tasks`` that can step together (``adamw.adamw_steps``): fp32, contiguous, fp32
+    moments, at most ``CHUNK_ELEMENTS`` each, same group, device and step count, at most ``budget`` elements
+    per batch (None: the device type's ``BATCH_ELEMENTS``). Batches of one are left out."""
+    by_key: dict[tuple, list[Task]] = {}
+    for t in tasks:
+        p, group = t.param, t.group
+        limit = BATCH_ELEMENTS.get(p.device.type, 0) if budget is None else budget
+        g = p.grad
+        if group["use_muon"] or g is None or g.is_sparse or p.dtype != torch.float32 or g.dtype != torch.float32:
+            continue
+        if adamw_quantized(tuple(p.shape), group) or p.numel() > min(CHUNK_ELEMENTS, limit // 2):
+            continue
+        if not (p.is_contiguous() and g.is_contiguous()):
+            continue
+        step = float(states[p]["step"]) if "step" in states.get(p, {}) else 0.0
+        by_key.setdefault((id(group), p.device, step, limit), []).append(t)
+    batches = []
+    for (_, _, _, limit), same in by_key.items():
+        batch: list[Task] = []
+        for t in same:
+            if batch and sum(u.param.numel() for u in batch) + t.param.numel() > limit:
                 batches.append(batch)
                 batch = []
             batch.append(t)

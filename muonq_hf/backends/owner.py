@@ -19,11 +19,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..adamw import adamw_step
+from ..adamw import adamw_step, adamw_steps
 from ..state import adamw_quantized
 from .common import (
     MomentumStage,
     Task,
+    adamw_batches,
     all_finite,
     assign_owners,
     global_rank,
@@ -67,11 +68,16 @@ class OwnerBackend:
         works = []
         owners = self.owners(tasks)
         stepped: set[int] = set()
-        if self.batch != 0:  # batches of this rank's same-plan matrices first (by default none on CPU)
-            mine = [t for t, owner in zip(tasks, owners, strict=True) if owner == self.rank]
-            for batch in muon_batches(mine, states, self.batch):
+        if self.batch != 0:  # batches first (by default none on CPU): this rank's same-plan matrices, and in one
+            mine = [t for t, owner in zip(tasks, owners, strict=True) if owner == self.rank]  # process the small
+            for batch in muon_batches(mine, states, self.batch):  # AdamW tensors (biases, norms) through foreach
                 whole_muon_steps(batch, [states[t.param] for t in batch])
                 stepped.update(id(t.param) for t in batch)
+            for batch in adamw_batches(tasks if not self.sharded else [], states, self.batch):
+                params = [t.param for t in batch]
+                adamw_steps([p.data for p in params], [p.grad for p in params], [states[p] for p in params],
+                            batch[0].group)
+                stepped.update(id(p) for p in params)
         for task, owner in zip(tasks, owners, strict=True):
             p, group = task.param, task.group
             if p.grad is None:  # DDP reduces every gradient: the same params have grads on every rank
@@ -80,6 +86,8 @@ class OwnerBackend:
                 if owner == self.rank and id(p) not in stepped:
                     whole_step(self.momentum, task, states[p])
                 works.append(self._broadcast(p.data, owner))
+                continue
+            if id(p) in stepped:
                 continue
             ranges = row_ranges(p.shape[0], self.world)  # an AdamW tensor: each rank steps its rows
             start, count = ranges[self.rank]
