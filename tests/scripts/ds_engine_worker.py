@@ -91,8 +91,9 @@ def ds_config(stage: int, bf16: bool, gas: int, micro: int) -> dict:
     }
     if stage == 3:
         # small sub-groups: ZeRO-3 steps each param group in several flat partitions (the matrices of each are
-        # stepped in its own call); the 2-layer GPT-2's Muon group (~29k elements) spans several
-        config["zero_optimization"]["sub_group_size"] = 8000
+        # stepped in its own call); the 2-layer GPT-2's Muon group (~29k elements) spans several. No persistent
+        # parameters: every one is gathered for its forward and released after (p.data empty in between)
+        config["zero_optimization"].update(sub_group_size=8000, stage3_param_persistence_threshold=0)
     if bf16:
         config["bf16"] = {"enabled": True}
     return config
