@@ -5,9 +5,11 @@ bit, and fewer kernel launches. Forced on here, on CPU (MuonQ(batch_elements=...
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
+from launch import run_two_ranks, worker_env
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from zoo import build, tiny_config
@@ -136,3 +138,12 @@ def test_a_batch_runs_each_kernel_once_for_its_matrices():
             opt.step()
         counts[budget] = launches.count
     assert counts[BATCH] < counts[0] / 2.5, counts
+
+
+def test_ddp_state_sharding_batches_the_matrices_each_rank_owns(tmp_path):
+    """2 ranks, ddp_shard_state: each rank runs the batches of the matrices it owns (both ranks have some) and
+    broadcasts; weights and the full state equal replicated DDP stepping one matrix at a time, bit for bit."""
+    run_two_ranks("ddp_batch_worker.py", env=worker_env(BATCH_OUT=str(tmp_path)))
+    res = json.loads((tmp_path / "ddp_batch.json").read_text())
+    assert res["difference"] is None, res["difference"]
+    assert all(sizes and min(sizes) >= 2 for sizes in res["batch_sizes"]), res["batch_sizes"]
