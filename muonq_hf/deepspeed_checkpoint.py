@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from .backends.common import global_rank
-from .checkpoint import CheckpointError, check_state_dict
+from .checkpoint import CheckpointError, check_state_dict, storage_changes
 from .deepspeed import DeepSpeedMuonQ, _dp_group, _fragment, _inside, _stage3, verify_engine
 from .matrices import shaped
 from .state import ADAMW_MOMENTS, owned_state, store_owned_state
@@ -86,8 +86,7 @@ def load_consolidated_state(engine: Any, model: torch.nn.Module, full: dict) -> 
                      for g, group in enumerate(opt.param_groups)]
     check_state_dict(shaped_groups, opt.defaults, sd)
     for g, saved in enumerate(sd["param_groups"]):
-        differ = {k: (saved[k], opt.param_groups[g][k]) for k in ("bits", "rank_divisor", "mu", "block_size",
-                  "normalize", "store_norm", "adamw_bits") if k in saved and saved[k] != opt.param_groups[g][k]}
+        differ = storage_changes({**opt.defaults, **saved}, opt.param_groups[g])  # {option: (saved, now)}
         if differ:
             raise CheckpointError(f"load_consolidated_state: param group {g} was saved with other storage options "
                                   f"{differ} (saved, now); convert it in one process with MuonQ.load_state_dict")
