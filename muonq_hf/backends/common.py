@@ -89,17 +89,7 @@ def muon_batches(
             continue
         started = "step" in states.get(p, {})
         by_key.setdefault((id(group), plan_of(p, group), p.dtype, p.device, started), []).append(t)
-    batches = []
-    for same in by_key.values():
-        batch: list[Task] = []
-        size = limit(same[0].param)
-        for t in same:
-            if batch and sum(u.param.numel() for u in batch) + t.param.numel() > size:
-                batches.append(batch)
-                batch = []
-            batch.append(t)
-        batches.append(batch)
-    return [b for b in batches if len(b) > 1]
+    return [batch for same in by_key.values() for batch in _packed(same, limit(same[0].param))]
 
 
 def adamw_batches(
@@ -121,15 +111,16 @@ def adamw_batches(
             continue
         step = float(states[p]["step"]) if "step" in states.get(p, {}) else 0.0
         by_key.setdefault((id(group), p.device, step, limit), []).append(t)
-    batches = []
-    for (_, _, _, limit), same in by_key.items():
-        batch: list[Task] = []
-        for t in same:
-            if batch and sum(u.param.numel() for u in batch) + t.param.numel() > limit:
-                batches.append(batch)
-                batch = []
-            batch.append(t)
-        batches.append(batch)
+    return [batch for (*_, limit), same in by_key.items() for batch in _packed(same, limit)]
+
+
+def _packed(tasks: list[Task], limit: int) -> list[list[Task]]:
+    """``tasks`` in order, cut into batches of at most ``limit`` elements; batches of one are dropped."""
+    batches: list[list[Task]] = [[]]
+    for t in tasks:
+        if batches[-1] and sum(u.param.numel() for u in batches[-1]) + t.param.numel() > limit:
+            batches.append([])
+        batches[-1].append(t)
     return [b for b in batches if len(b) > 1]
 
 
