@@ -30,15 +30,7 @@ def adamw_step(weight: torch.Tensor, grad: torch.Tensor, state: dict, group: dic
         weight.copy_(contiguous)
         return
     rows, cols = (weight.shape[0], math.prod(weight.shape[1:])) if weight.ndim else (1, 1)  # a shard may have 0 rows
-    if not state:
-        state["step"] = torch.tensor(0.0)
-        for k in ADAMW_MOMENTS:
-            if quantized:
-                state[f"{k}_codes"], state[f"{k}_absmax"] = zero_moment(k, rows, cols, grad.device)
-            else:
-                state[k] = torch.zeros_like(grad, dtype=torch.float32)
-    state["step"] += 1
-    step = state["step"].item()  # a CPU scalar: no device sync
+    step = _count_step(state, grad, quantized, rows, cols)
     W, G = weight.view(rows, cols), grad.view(rows, cols)  # (rows, cols)
     books = [moment_codebook(k, grad.device) for k in ADAMW_MOMENTS] if quantized else []
     per_chunk = max(1, CHUNK_ELEMENTS // max(1, cols))  # rows
@@ -50,7 +42,7 @@ def adamw_step(weight: torch.Tensor, grad: torch.Tensor, state: dict, group: dic
             exp_avg, exp_avg_sq = (dequantize_dynamic8(c, a, b) for c, a, b in zip(codes, absmax, books, strict=True))
         else:  # views of the fp32 moments: updated in place
             exp_avg, exp_avg_sq = (state[k].view(rows, cols)[chunk] for k in ADAMW_MOMENTS)
-        _update(W[chunk], G[chunk].float(), exp_avg, exp_avg_sq, group, step)  # (chunk rows, cols)
+        _update([W[chunk]], [G[chunk].float()], [exp_avg], [exp_avg_sq], group, step)  # (chunk rows, cols)
         if quantized:
             for k, value, book in zip(ADAMW_MOMENTS, (exp_avg, exp_avg_sq), books, strict=True):
                 new_codes, new_absmax = quantize_dynamic8(value, book, ADAMW_8BIT_BLOCK)
@@ -58,27 +50,26 @@ def adamw_step(weight: torch.Tensor, grad: torch.Tensor, state: dict, group: dic
 
 
 def adamw_steps(weights: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict], group: dict) -> None:
-    """``adamw_step`` of several fp32 tensors of one group with fp32 moments and the same step count, through
-    ``torch._foreach`` ops: one kernel per operation for all of them on a GPU (the per-tensor ops, in the same
-    order: the values of one-by-one steps). For tensors small enough to need no chunks (``CHUNK_ELEMENTS``)."""
-    for grad, state in zip(grads, states, strict=True):
-        if not state:
-            state["step"] = torch.tensor(0.0)
-            for k in ADAMW_MOMENTS:
+    """``adamw_step`` of several fp32 tensors of one group with fp32 moments and the same step count at once:
+    ``_update`` runs each ``torch._foreach`` op once for all of them (one kernel on a GPU; the per-tensor ops,
+    in the same order: the values of one-by-one steps). For tensors that need no chunks (``CHUNK_ELEMENTS``)."""
+    steps = [_count_step(state, grad, False, 1, 1) for grad, state in zip(grads, states, strict=True)]
+    moments = ([state[k] for state in states] for k in ADAMW_MOMENTS)
+    _update(weights, grads, *moments, group, steps[0])
+
+
+def _count_step(state: dict, grad: torch.Tensor, quantized: bool, rows: int, cols: int) -> float:
+    """Start the state (zero moments: fp32 like ``grad``, or 8-bit codes of (rows, cols)) before the first step,
+    count this step and return its number (a CPU scalar: no device sync)."""
+    if not state:
+        state["step"] = torch.tensor(0.0)
+        for k in ADAMW_MOMENTS:
+            if quantized:
+                state[f"{k}_codes"], state[f"{k}_absmax"] = zero_moment(k, rows, cols, grad.device)
+            else:
                 state[k] = torch.zeros_like(grad, dtype=torch.float32)
-        state["step"] += 1
-    step = states[0]["step"].item()
-    beta1, beta2 = group["betas"]
-    exp_avg, exp_avg_sq = ([state[k] for state in states] for k in ADAMW_MOMENTS)
-    torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sq, beta2)
-    torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
-    bias1, bias2 = 1 - beta1**step, 1 - beta2**step
-    denom = torch._foreach_sqrt(exp_avg_sq)
-    torch._foreach_div_(denom, math.sqrt(bias2))
-    torch._foreach_add_(denom, group["eps"])
-    torch._foreach_mul_(weights, 1 - group["lr"] * group["weight_decay"])
-    torch._foreach_addcdiv_(weights, exp_avg, denom, value=-group["lr"] / bias1)
+    state["step"] += 1
+    return state["step"].item()
 
 
 def zero_moment(key: str, rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,16 +83,27 @@ def zero_moment(key: str, rows: int, cols: int, device: torch.device) -> tuple[t
 
 
 def _update(
-    weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, group: dict, step: float
+    weights: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    group: dict,
+    step: float,
 ) -> None:
-    """torch's AdamW on one tensor (or one chunk of rows): moments in place, then the weight."""
+    """torch's AdamW on tensors of one group and step count (or chunks of rows): moments in place, then the
+    weights. ``torch._foreach`` ops: one tensor or many, each op is one kernel on a GPU."""
     beta1, beta2 = group["betas"]
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
     bias1, bias2 = 1 - beta1**step, 1 - beta2**step
-    denom = exp_avg_sq.sqrt().div_(math.sqrt(bias2)).add_(group["eps"])  # in place: one temporary
-    weight.mul_(1 - group["lr"] * group["weight_decay"])
-    if weight.dtype == torch.float32:
-        weight.addcdiv_(exp_avg, denom, value=-group["lr"] / bias1)
+    denom = torch._foreach_sqrt(exp_avg_sqs)  # one temporary per tensor, then in place
+    torch._foreach_div_(denom, math.sqrt(bias2))
+    torch._foreach_add_(denom, group["eps"])
+    torch._foreach_mul_(weights, 1 - group["lr"] * group["weight_decay"])
+    if all(w.dtype == torch.float32 for w in weights):
+        torch._foreach_addcdiv_(weights, exp_avgs, denom, value=-group["lr"] / bias1)
     else:  # the ratio in fp32: eps = 1e-8 is 0 in fp16, and 0 / 0 turned fp16 weights NaN
-        weight.add_((exp_avg / denom).to(weight.dtype), alpha=-group["lr"] / bias1)
+        ratios = torch._foreach_div(exp_avgs, denom)
+        torch._foreach_add_(weights, [r.to(w.dtype) for r, w in zip(ratios, weights, strict=True)],
+                            alpha=-group["lr"] / bias1)
