@@ -70,14 +70,7 @@ def power_iteration_factors(
     return P, R
 
 
-def residual(M: torch.Tensor, P: torch.Tensor, R: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """res = M - P R^T (..., m, n), the product's inputs in ``dtype`` (like M Q)."""
-    return M - product(P, R.mT, dtype)
-
-
-def power_iteration_split(
-    M: torch.Tensor, R_prev: torch.Tensor, row_sum: RowSum = no_reduction, dtype: torch.dtype = torch.float32
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``power_iteration_factors`` and the residual: M ~ P R^T + res; returns (P, R, res)."""
-    P, R = power_iteration_factors(M, R_prev, row_sum, dtype)
-    return P, R, residual(M, P, R, dtype)
+def residual(M: torch.Tensor, low_rank: torch.Tensor | None) -> torch.Tensor:
+    """res = M - P R^T (..., m, n) from the product ``low_rank`` (None: no split, res = M); a bf16 product is
+    promoted on the fly."""
+    return M if low_rank is None else M - low_rank

@@ -59,18 +59,14 @@ def combine(res: torch.Tensor, low_rank: torch.Tensor | None, norm: torch.Tensor
     return M if norm is None else M * norm
 
 
-def _minus(M: torch.Tensor, low_rank: torch.Tensor | None) -> torch.Tensor:
-    return M if low_rank is None else M - low_rank  # a bf16 P R^T is promoted on the fly
-
-
 def _residual_absmax(M: torch.Tensor, low_rank: torch.Tensor | None, granularity: str,
                      block_size: int | None) -> torch.Tensor:
-    return group_absmax(_minus(M, low_rank), granularity, block_size)
+    return group_absmax(residual(M, low_rank), granularity, block_size)
 
 
 def _residual_codes(M: torch.Tensor, low_rank: torch.Tensor | None, scale: torch.Tensor, bits: int, mu: float,
                     granularity: str, block_size: int | None) -> torch.Tensor:
-    return encode_codes(_minus(M, low_rank), scale, bits, mu, granularity, block_size)
+    return encode_codes(residual(M, low_rank), scale, bits, mu, granularity, block_size)
 
 
 # One process, round to nearest: the residual M - P R^T is formed inside the two passes of its encode (max, then
@@ -265,8 +261,9 @@ class QuantizedMomentum:
         bits, mu, group = self.bits, self.mu, self.group
         if group["store_norm"] and norm is not None:
             pieces["norm"] = norm.flatten().float()  # (c,)
+        low_rank = None if P is None else product(P, R.mT, self.product_dtype)  # (c, L, cols)
         if bits == 32:
-            pieces["res"] = (M if P is None else residual(M, P, R, self.product_dtype)).contiguous()
+            pieces["res"] = residual(M, low_rank).contiguous()
             if P is not None:
                 pieces["P"], pieces["R"] = P.contiguous(), R.contiguous()
             return
@@ -278,14 +275,12 @@ class QuantizedMomentum:
 
         dtype = scale_dtype(group)
         if row_max is no_reduction and not group["stochastic_rounding"]:  # one process: residual + codes fused
-            low_rank = None if P is None else product(P, R.mT, self.product_dtype)  # (c, L, cols)
             absmax = _residual_absmax_fused(M, low_rank, self.granularity, self.block_size)
             scale = group_scale(absmax, bits, mu, dtype)  # (c, 1, 1) or (c, L, nb)
             codes = _residual_codes_fused(M, low_rank, scale.float(), bits, mu, self.granularity, self.block_size)
         else:
-            res = M if P is None else residual(M, P, R, self.product_dtype)
-            codes, scale = quantize(res, bits, mu, self.granularity, self.block_size, group_max=row_max,
-                                    scale_dtype=dtype, **rounding(0))
+            codes, scale = quantize(residual(M, low_rank), bits, mu, self.granularity, self.block_size,
+                                    group_max=row_max, scale_dtype=dtype, **rounding(0))
         pieces["res_codes"] = codes
         pieces["res_scale"] = scale.flatten() if self.granularity == "matrix" else scale
         if P is not None:

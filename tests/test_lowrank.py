@@ -2,7 +2,7 @@
 
 import torch
 
-from muonq_hf.lowrank import orthonormalize_columns, power_iteration_split, rank_for
+from muonq_hf.lowrank import orthonormalize_columns, power_iteration_factors, product, rank_for, residual
 
 
 def principal_cosines(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -20,7 +20,8 @@ def test_rank_for():
 def test_split_is_exact_and_p_is_orthonormal():
     torch.manual_seed(0)
     M = torch.randn(2, 64, 48)
-    P, R, res = power_iteration_split(M, torch.randn(2, 48, 4))
+    P, R = power_iteration_factors(M, torch.randn(2, 48, 4))
+    res = residual(M, product(P, R.mT, torch.float32))
     assert P.shape == (2, 64, 4) and R.shape == (2, 48, 4) and res.shape == M.shape
     torch.testing.assert_close(P.mT @ P, torch.eye(4).expand(2, 4, 4), atol=1e-5, rtol=0)
     torch.testing.assert_close(P @ R.mT + res, M, atol=1e-5, rtol=0)
@@ -37,7 +38,7 @@ def test_warm_started_power_iteration_finds_the_top_singular_subspace():
     M = (U[:, :n] * S) @ V.mT
     R = torch.randn(n, r)
     for _ in range(8):
-        P, R, _ = power_iteration_split(M, R)
+        P, R = power_iteration_factors(M, R)
     Usvd, _, _ = torch.linalg.svd(M)
     assert principal_cosines(P, Usvd[:, :r]).min() > 0.999
     # the rank-r part captures the energy of the top r singular values
@@ -65,7 +66,7 @@ def test_cholesky_qr_on_row_shards_matches_the_unsharded_split():
     torch.manual_seed(0)
     M = torch.randn(1, 33, 20)
     R0 = torch.randn(1, 20, 3)
-    P, R, _ = power_iteration_split(M, R0)
+    P, R = power_iteration_factors(M, R0)
     shards = (M[:, :17], M[:, 17:])
     Q = R0 / (R0.norm(dim=-2, keepdim=True) + 1e-7)
     gram = sum((s @ Q).mT @ (s @ Q) for s in shards)  # the all-reduce of the r x r Gram matrices
