@@ -299,12 +299,12 @@ class DeepSpeedMuonQ(MuonQ):
                     buf[start + lp_slice.start : start + lp_slice.stop] = flat.grad[hp_slice]
             dist.reduce(buf, dst=global_rank(pg, owner), group=pg)
             if rank == owner:  # buf now holds this owner's whole gradients; reuse it for the scaled updates
-                for (i, p), start in zip(owned, offsets, strict=False):
+                for (i, p), start, end in zip(owned, offsets[:-1], offsets[1:], strict=True):
                     mstate = owned_state(state, i)
-                    grad = buf[start : start + shaped(p).numel()].view(shaped(p).shape)
+                    grad = buf[start:end].view(shaped(p).shape)
                     update = whole_muon_update(self.momentum_stage, grad, mstate, group, i)
                     store_owned_state(state, i, mstate)
-                    buf[start : start + shaped(p).numel()] = update.reshape(-1)
+                    buf[start:end] = update.reshape(-1)
                     self.ns_calls += 1
             dist.broadcast(buf, src=global_rank(pg, owner), group=pg)
             for (_, p), start in zip(owned, offsets, strict=False):
