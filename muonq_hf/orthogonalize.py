@@ -24,29 +24,30 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, dtype: torch.dt
     """
     assert G.ndim >= 2, f"Newton-Schulz needs a matrix, got shape {tuple(G.shape)}"
     X = G.to(dtype).reshape(-1, *G.shape[-2:])  # (k, m, n)
-    transposed = G.size(-2) > G.size(-1)
-    if transposed:  # iterate on the short side: X X^T is (min, min)
-        X = X.mT
-    # spectral norm <= Frobenius norm <= 1; contiguous so that no matmul below copies a transposed operand
-    X = (X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)).contiguous()
+    tall = G.size(-2) > G.size(-1)  # iterate on the short side: the Gram matrix is (min, min)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
     if X.size(0) == 1:  # one matrix: 2-D addmm is the fastest kernel (CPU bf16: 15% faster than baddbmm)
-        X = _iterate(X[0], steps, torch.addmm).unsqueeze(0)
+        X = _iterate(X[0], steps, torch.addmm, tall).unsqueeze(0)
     elif X.device.type == "cpu" and X.size(0) > 1:  # a batch on CPU: addmm per matrix (bf16: 6% faster than
-        X = torch.stack([_iterate(x, steps, torch.addmm) for x in X])  # baddbmm); on GPUs one batched launch
+        X = torch.stack([_iterate(x, steps, torch.addmm, tall) for x in X])  # baddbmm); on GPUs one batched launch
     else:
-        X = _iterate(X, steps, torch.baddbmm)
-    if transposed:
-        X = X.mT
+        X = _iterate(X, steps, torch.baddbmm, tall)
     return X.reshape(G.shape)
 
 
-def _iterate(X: torch.Tensor, steps: int, fused_mm: Callable[..., torch.Tensor]) -> torch.Tensor:
-    """``steps`` quintic iterations on X (s, n) or (k, s, n), s <= n; ``fused_mm`` is addmm or baddbmm."""
+def _iterate(X: torch.Tensor, steps: int, fused_mm: Callable[..., torch.Tensor], tall: bool) -> torch.Tensor:
+    """``steps`` quintic iterations on X (m, n) or (k, m, n); ``fused_mm`` is addmm or baddbmm.
+
+    A wide X (m <= n) iterates X <- a X + B X with B = b A + c A^2, A = X X^T (m, m). A tall X iterates the
+    transpose of that on X^T, written on X itself: A = X^T X (n, n), X <- a X + X B^T. The values are those of
+    the wide iteration on X^T, and the result is in X's own layout: no transposed copy of the input, and no
+    transposed (strided) read when the update is added to the weight (5.6 vs 0.45 ms for 3072 x 768 on CPU).
+    """
     a, b, c = NS_COEFFICIENTS
     for _ in range(steps):
-        A = X @ X.mT  # (k, s, s), s = min(m, n)
+        A = X.mT @ X if tall else X @ X.mT  # (k, s, s), s = min(m, n)
         B = fused_mm(A, A, A, beta=b, alpha=c)  # b A + c A A, one fused matmul
-        X = fused_mm(X, B, X, beta=a)  # a X + B X
+        X = fused_mm(X, X, B.mT, beta=a) if tall else fused_mm(X, B, X, beta=a)  # a X + X B^T, or a X + B X
     return X
 
 

@@ -19,11 +19,12 @@ import torch
 
 from .codecs import (
     DynamicCodebook,
+    code_points,
     dequantize,
     dynamic_codebook,
-    encode_codes,
     group_absmax,
     group_scale,
+    nearest_codes,
     packed_width,
     quantize,
 )
@@ -64,14 +65,14 @@ def _residual_absmax(M: torch.Tensor, low_rank: torch.Tensor | None, granularity
     return group_absmax(residual(M, low_rank), granularity, block_size)
 
 
-def _residual_codes(M: torch.Tensor, low_rank: torch.Tensor | None, scale: torch.Tensor, bits: int, mu: float,
+def _residual_codes(M: torch.Tensor, low_rank: torch.Tensor | None, points: torch.Tensor, bits: int, mu: float,
                     granularity: str, block_size: int | None) -> torch.Tensor:
-    return encode_codes(residual(M, low_rank), scale, bits, mu, granularity, block_size)
+    return nearest_codes(residual(M, low_rank), points, bits, mu, granularity, block_size)
 
 
 # One process, round to nearest: the residual M - P R^T is formed inside the two passes of its encode (max, then
-# codes) and never stored in fp32. Two kernels, with the fp16 scale rounded between them: inductor's C++ backend
-# does not vectorize a loop that mixes bf16 (P R^T) and fp16 (the scale), 4x slower.
+# codes) and never stored in fp32. Two kernels, with the fp16 scale rounded and the code points computed between
+# them: inductor's C++ backend does not vectorize a loop that mixes bf16 (P R^T) and fp16 (the scale), 4x slower.
 _residual_absmax_fused = fused(_residual_absmax)
 _residual_codes_fused = fused(_residual_codes)
 
@@ -277,7 +278,8 @@ class QuantizedMomentum:
         if row_max is no_reduction and not group["stochastic_rounding"]:  # one process: residual + codes fused
             absmax = _residual_absmax_fused(M, low_rank, self.granularity, self.block_size)
             scale = group_scale(absmax, bits, mu, dtype)  # (c, 1, 1) or (c, L, nb)
-            codes = _residual_codes_fused(M, low_rank, scale.float(), bits, mu, self.granularity, self.block_size)
+            points = code_points(scale, bits, mu)  # (c, 1, 1, 7) level boundaries or (c, 1, 1, 1) scales
+            codes = _residual_codes_fused(M, low_rank, points, bits, mu, self.granularity, self.block_size)
         else:
             codes, scale = quantize(residual(M, low_rank), bits, mu, self.granularity, self.block_size,
                                     group_max=row_max, scale_dtype=dtype, **rounding(0))

@@ -30,6 +30,31 @@ def test_pack4_roundtrip_and_layout(n):
     assert torch.equal(unpack4(packed, n), q)
     # row i of the codes holds exactly row i of the values: row shards of codes are shards of the matrix
     assert torch.equal(unpack4(packed[:, 2:4], n), q[:, 2:4])
+    # low nibble first, an odd row padded with the zero code: -8 -> 0, 7 -> 15, 1 -> 9, pad -> 8
+    assert pack4(torch.tensor([[-8.0, 7.0, 1.0]])).tolist() == [[0 + 16 * 15, 9 + 16 * 8]]
+
+
+@pytest.mark.parametrize(("granularity", "block_size", "shape"), [("matrix", None, (3, 256, 384)),
+                                                                  ("column", None, (2, 384, 24)),
+                                                                  ("block", 64, (1, 96, 200))])
+def test_nearest_4bit_mu_law_codes_are_rounded_companded_values(granularity, block_size, shape):
+    """4-bit mu-law codes count level boundaries instead of computing C(x) / s; they must be round(C(x) / s),
+    computed here in float64 from the stored fp16 scale, for every value not within 1e-5 of a rounding boundary
+    (there fp32 and float64 may round either way)."""
+    x = unit_frobenius(torch.randn(shape, generator=torch.Generator().manual_seed(5)))
+    codes, scale = quantize(x, 4, 255.0, granularity, block_size)
+    s = scale.double()
+    if granularity == "block":
+        s = s.repeat_interleave(block_size, dim=-1)[..., : shape[-1]]
+    x64 = x.double()
+    z = torch.sign(x64) * torch.log1p(255.0 * x64.abs()) / math.log1p(255.0) / s
+    ref = torch.round(z).clamp(-8, 7)
+    got = unpack4(codes, shape[-1]).double()
+    clear = ((z.abs() - z.abs().floor() - 0.5).abs() > 1e-5)  # not within 1e-5 of a boundary k - 1/2
+    wrong = (got != ref) & clear
+    assert int(wrong.sum()) == 0, f"{int(wrong.sum())} of {x.numel()} codes differ, first at z = {z[wrong][:3]}"
+    assert int((got != ref).sum()) <= x.numel() * 1e-5  # and the boundary cases are rare
+    assert ref.abs().max() == 7  # the test covers the whole range of codes
 
 
 def test_compand_is_a_bijection_beyond_unit_interval():
