@@ -28,6 +28,7 @@ import torch
 from . import quality
 from .memory import memory_table, verify_analytic
 from .speed import RATIO_REFERENCES, stage_profile, step_times
+from .peers import installed
 from .variants import MAIN_ROWS, SPEED_ROWS, VARIANTS, get_variant
 
 QUICK_SPEED_ROWS = MAIN_ROWS + [VARIANTS[n] for n in ("torch_muon", "keller_muon", "bnb_adamw8bit_hf")]
@@ -81,8 +82,12 @@ def cmd_memory(args: argparse.Namespace) -> None:
 def cmd_speed(args: argparse.Namespace) -> None:
     shape, rounds, warmup = ("gpt2-tiny", 2, 1) if args.quick else (args.shape, args.rounds, 2)
     rows = QUICK_SPEED_ROWS if args.quick else SPEED_ROWS  # quick: no torchao rows (each compiles for seconds)
+    missing = [v.name for v in rows if not installed(v.kind)]  # said in the output and the report, not dropped
+    if missing:
+        print(f"rows left out (not installed here; see benchmarks/peers.py): {', '.join(missing)}")
     t0 = time.time()
-    result = step_times(shape, rows, warmup=warmup, rounds=rounds)
+    result = step_times(shape, [v for v in rows if v.name not in missing], warmup=warmup, rounds=rounds)
+    result["rows_not_installed"] = missing
     result["wall_s"] = time.time() - t0
     for row in result["rows"].values():
         ratios = "  ".join(f"x{row[f'ratio_vs_{r}']:.2f} vs {r}" for r in RATIO_REFERENCES if f"ratio_vs_{r}" in row)

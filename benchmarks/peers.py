@@ -5,6 +5,13 @@
 * ``keller_muon``: Keller Jordan's ``muon`` package (PyPI ``muon-optimizer``), ``SingleDeviceMuonWithAuxAdam``
   with the same split.
 * ``torchao_adamw8bit`` / ``torchao_adamw4bit``: torchao's low-bit AdamW on every parameter.
+* ``paper_muonq``: the MuonQ paper's own code (``MuonQ`` of ``src/optim/muonq.py`` in a checkout of the authors'
+  repository, github.com/YupengSu/MuonQ, Apache-2.0), with the options of its ``muonq.yaml`` (4-bit, per-tensor
+  scale, normalization, mu-law, rank min(m, n) // 16). It is not on PyPI and not vendored here: set
+  ``MUONQ_REFERENCE_SRC`` to the checkout's root (see benchmarks/RESULTS.md); without it the row is left out,
+  and said to be. Its split of a fused QKV assumes ``nn.Linear``'s (3d, d) layout, the layout of its own GPT-2,
+  so it steps transposed views of GPT-2's ``Conv1D`` weights (same storage; the views' gradients are the
+  transposed gradients, set before each step): the same matrices, the same math, as in the paper's runs.
 * ``bnb_adamw8bit_hf``: bitsandbytes AdamW8bit as the HF Trainer runs it (``--optim adamw_bnb_8bit``): the
   Trainer registers a 32-bit override for every ``nn.Embedding`` weight (here: bnb's 32-bit AdamW on them,
   the kernel the override selects, without bnb's process-wide override registry). The plain ``bnb_adamw8bit`` row
@@ -17,6 +24,9 @@ same matrices.
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -48,9 +58,58 @@ PACKAGES = {"keller_muon": "muon", "torchao_adamw8bit": "torchao", "torchao_adam
             "bnb_adamw8bit_hf": "bitsandbytes", "bnb": "bitsandbytes"}  # kind -> the package it needs
 
 
+REFERENCE_ENV = "MUONQ_REFERENCE_SRC"  # root of a checkout of the paper's repository (github.com/YupengSu/MuonQ)
+# the paper's hydra_conf/optimizer_params/muonq.yaml, less lr and weight decay (the benchmark's own)
+PAPER_MUONQ_OPTIONS = dict(polar_method="Keller", ns_steps=5, qbit=4, gran="tensor", compand=True, norm=True, rank=16)
+
+
+def reference_source() -> Path | None:
+    """The paper's checkout named by ``MUONQ_REFERENCE_SRC`` if it holds ``src/optim/muonq.py``, else None."""
+    root = os.environ.get(REFERENCE_ENV)
+    return Path(root) if root and (Path(root) / "src" / "optim" / "muonq.py").is_file() else None
+
+
 def installed(kind: str) -> bool:
     """Whether the package a row needs can be imported here (a GPU machine may lack the peers' packages)."""
+    if kind == "paper_muonq":
+        return reference_source() is not None
     return kind not in PACKAGES or importlib.util.find_spec(PACKAGES[kind]) is not None
+
+
+class PaperMuonQ(Together):
+    """The paper's ``MuonQ`` over ``model``, every ``Conv1D`` weight seen through its transpose (nn.Linear layout)."""
+
+    def __init__(self, model: nn.Module, lr: float, weight_decay: float) -> None:
+        root = reference_source()
+        if root is None:
+            raise RuntimeError(f"the paper_muonq row needs {REFERENCE_ENV}=<checkout of github.com/YupengSu/MuonQ>; "
+                               f"{REFERENCE_ENV}={os.environ.get(REFERENCE_ENV)!r} has no src/optim/muonq.py")
+        if str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+        from src.optim.muonq import MuonQ as Reference  # the paper's package is named ``src``
+
+        from transformers.pytorch_utils import Conv1D
+
+        conv = {id(m.weight) for m in model.modules() if isinstance(m, Conv1D)}
+        self.transposed: list[tuple[nn.Parameter, nn.Parameter]] = []  # (view the reference steps, model weight)
+        named = []
+        for name, p in model.named_parameters():
+            if id(p) in conv:  # a Parameter over p.T shares p's storage: the reference's in-place update is p's
+                view = nn.Parameter(p.detach().T, requires_grad=False)
+                self.transposed.append((view, p))
+                p = view
+            named.append((name, p))
+        super().__init__(Reference(named, lr=lr, weight_decay=weight_decay, **PAPER_MUONQ_OPTIONS))
+
+    def step(self) -> None:
+        for view, p in self.transposed:
+            view.grad = None if p.grad is None else p.grad.T
+        super().step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for view, _ in self.transposed:
+            view.grad = None
+        super().zero_grad(set_to_none)
 
 
 def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -69,6 +128,8 @@ def build_peer(kind: str, model: nn.Module, lr: float, weight_decay: float) -> t
             torch.optim.Muon(muon, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"),
             torch.optim.AdamW(adamw, lr=lr, betas=betas, weight_decay=weight_decay),
         )
+    if kind == "paper_muonq":
+        return PaperMuonQ(model, lr, weight_decay)
     if kind == "keller_muon":
         from muon import SingleDeviceMuonWithAuxAdam
 

@@ -88,6 +88,13 @@ def speed_section(speed: dict) -> list[str]:
             f"{row['max_s'] * 1e3:,.1f} | {f'{wall * 1e3:,.1f}' if wall else '-'} | "
             + " | ".join(f"{row[f'ratio_vs_{r}']:.2f}" for r in refs) + " |"
         )
+    if speed.get("rows_not_installed"):
+        lines += ["", f"Rows left out (not installed on the machine of this run): "
+                      f"{', '.join(speed['rows_not_installed'])}."]
+    if "paper_muonq" in speed["rows"]:
+        lines += ["", "The paper's MuonQ is the authors' code (github.com/YupengSu/MuonQ, `src/optim/muonq.py`, options "
+                      "of its `muonq.yaml`) from a checkout named by `MUONQ_REFERENCE_SRC`; it is not vendored here "
+                      "(`benchmarks/peers.py`)."]
     gpu = speed.get("gpu")
     lines += ["", "GPU: " + ("see `speed.json`" if gpu else "this run was on the CPU; the GPU figures (`python -m "
               "benchmarks gpu`, `results/gpu_h200.json`) are in the discussion below."), ""]
@@ -188,6 +195,10 @@ def speed_peak_targets(speed: dict | None, peak: dict | None) -> list[str]:
         r = speed["rows"]["muonq"]["ratio_vs_torch_muon"]
         lines.append(f"| MuonQ step <= 1.15x torch.optim.Muon + AdamW ({speed['shape']}, CPU, 1 thread) | {r:.2f}x | "
                      f"{'yes' if r <= 1.15 else 'no'} |")
+        if "paper_muonq" in speed["rows"]:
+            paper = speed["rows"]["paper_muonq"]["median_s"] / speed["rows"]["muonq"]["median_s"]
+            lines.append(f"| MuonQ step faster than the paper authors' MuonQ code (same harness) | their step "
+                         f"{paper:.2f}x MuonQ's | {'yes' if paper > 1 else 'no'} |")
         profile = speed.get("stage_profile", {}).get("768x3072", {})
         share = profile.get("work above NS / bf16 NS")
         if share is not None:

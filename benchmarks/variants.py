@@ -3,7 +3,7 @@
 MuonQ-family rows are MuonQ with different per-group options (see ``MUON_DEFAULTS``/``ADAMW_DEFAULTS`` in
 ``muonq_hf/options.py``); the baselines are torch AdamW, bitsandbytes AdamW8bit and a bf16-buffer Muon; the
 peers (``benchmarks/peers.py``) are what users would pick instead: torch.optim.Muon, Keller Jordan's Muon,
-torchao's low-bit AdamW and bitsandbytes as the HF Trainer runs it.
+the paper's own MuonQ code, torchao's low-bit AdamW and bitsandbytes as the HF Trainer runs it.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class Variant:
     @property
     def family(self) -> str:
         """"muon" or "adamw": the lr grid of the quality study is tuned per family."""
-        return "muon" if self.kind in ("muonq", "muon_bf16", "torch_muon", "keller_muon") else "adamw"
+        return "muon" if self.kind in ("muonq", "muon_bf16", "torch_muon", "keller_muon", "paper_muonq") else "adamw"
 
 
 MAIN_ROWS = [
@@ -64,6 +64,7 @@ BATCHING_ROWS = [Variant("muonq_unbatched", "MuonQ 4-bit, one matrix at a time",
 PEER_ROWS = [
     Variant("torch_muon", "torch.optim.Muon + AdamW", "torch_muon"),
     Variant("keller_muon", "Keller Jordan's Muon + Adam", "keller_muon"),
+    Variant("paper_muonq", "the paper's MuonQ (authors' code)", "paper_muonq"),
     Variant("bnb_adamw8bit_hf", "bnb AdamW8bit as HF runs it", "bnb_adamw8bit_hf"),
     Variant("torchao_adamw8bit", "torchao AdamW8bit", "torchao_adamw8bit"),
     Variant("torchao_adamw4bit", "torchao AdamW4bit", "torchao_adamw4bit"),
@@ -71,7 +72,7 @@ PEER_ROWS = [
 VARIANTS: dict[str, Variant] = {v.name: v for v in MAIN_ROWS + ABLATION_ROWS + PEER_ROWS + BATCHING_ROWS}
 # step time: MuonQ against what users would pick instead, and the package's own fp32 Muon
 SPEED_ROWS = [VARIANTS[name] for name in (
-    "torch_muon", "keller_muon", "muonq", "muonq_adam8", "muon_fp32", "adamw", "bnb_adamw8bit_hf", "bnb_adamw8bit",
+    "torch_muon", "keller_muon", "paper_muonq", "muonq", "muonq_adam8", "muon_fp32", "adamw", "bnb_adamw8bit_hf", "bnb_adamw8bit",
     "torchao_adamw8bit", "torchao_adamw4bit",
 )]
 

@@ -163,8 +163,17 @@ def test_peer_rows_build_the_optimizer_users_run_and_step(name, one_thread):
     from benchmarks.models import build_model
     from benchmarks.variants import get_variant, make_optimizer
 
+    from benchmarks.peers import REFERENCE_ENV, installed
+
     model = build_model("gpt2-tiny")
+    if not installed(get_variant(name).kind):  # the paper's code is a checkout named by MUONQ_REFERENCE_SRC
+        assert name == "paper_muonq", f"{name}: its package is missing from the test environment"
+        with pytest.raises(RuntimeError, match=REFERENCE_ENV):
+            make_optimizer(get_variant(name), model, lr=3e-3)
+        return
     opt = make_optimizer(get_variant(name), model, lr=3e-3)
+    c_attn = model.transformer.h[0].attn.c_attn.weight
+    c_attn_before = c_attn.detach().clone()
     ids = torch.randint(0, 4096, (2, 32), generator=torch.Generator().manual_seed(0))
     losses = []
     for _ in range(4):
@@ -174,6 +183,12 @@ def test_peer_rows_build_the_optimizer_users_run_and_step(name, one_thread):
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
+    assert not torch.equal(c_attn, c_attn_before)  # every peer trains the model's own weights
+    if name == "paper_muonq":  # its Muon state is on transposed views of the model's Conv1D weights
+        states = [s for s in opt.state.values() if s.get("use_muon") and "momentum_res" in s]
+        assert len(states) == 4 * len(model.transformer.h)  # c_attn, attn c_proj, c_fc, mlp c_proj
+        view = next(v for v, p in opt.transposed if p is c_attn)
+        assert view.data_ptr() == c_attn.data_ptr() and view.shape == c_attn.shape[::-1]
     if name == "bnb_adamw8bit_hf":
         wte = model.transformer.wte.weight
         assert opt.state[wte]["state1"].dtype == torch.float32  # the Trainer's 32-bit override for embeddings
