@@ -27,8 +27,8 @@ import torch
 
 from . import quality
 from .memory import memory_table, verify_analytic
-from .speed import RATIO_REFERENCES, stage_profile, step_times
 from .peers import installed
+from .speed import RATIO_REFERENCES, stage_profile, step_times
 from .variants import MAIN_ROWS, SPEED_ROWS, VARIANTS, get_variant
 
 QUICK_SPEED_ROWS = MAIN_ROWS + [VARIANTS[n] for n in ("torch_muon", "keller_muon", "bnb_adamw8bit_hf")]

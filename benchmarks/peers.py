@@ -87,7 +87,6 @@ class PaperMuonQ(Together):
         if str(root) not in sys.path:
             sys.path.insert(0, str(root))
         from src.optim.muonq import MuonQ as Reference  # the paper's package is named ``src``
-
         from transformers.pytorch_utils import Conv1D
 
         conv = {id(m.weight) for m in model.modules() if isinstance(m, Conv1D)}

@@ -72,8 +72,8 @@ PEER_ROWS = [
 VARIANTS: dict[str, Variant] = {v.name: v for v in MAIN_ROWS + ABLATION_ROWS + PEER_ROWS + BATCHING_ROWS}
 # step time: MuonQ against what users would pick instead, and the package's own fp32 Muon
 SPEED_ROWS = [VARIANTS[name] for name in (
-    "torch_muon", "keller_muon", "paper_muonq", "muonq", "muonq_adam8", "muon_fp32", "adamw", "bnb_adamw8bit_hf", "bnb_adamw8bit",
-    "torchao_adamw8bit", "torchao_adamw4bit",
+    "torch_muon", "keller_muon", "paper_muonq", "muonq", "muonq_adam8", "muon_fp32", "adamw", "bnb_adamw8bit_hf",
+    "bnb_adamw8bit", "torchao_adamw8bit", "torchao_adamw4bit",
 )]
 
 

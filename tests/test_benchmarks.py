@@ -161,9 +161,8 @@ def test_peer_rows_build_the_optimizer_users_run_and_step(name, one_thread):
     """Each peer trains the tiny model (its loss drops over a few steps) and keeps the state it should: Muon
     momentum on MuonQ's Muon matrices only, bnb as HF runs it with 32-bit state for the embeddings."""
     from benchmarks.models import build_model
-    from benchmarks.variants import get_variant, make_optimizer
-
     from benchmarks.peers import REFERENCE_ENV, installed
+    from benchmarks.variants import get_variant, make_optimizer
 
     model = build_model("gpt2-tiny")
     if not installed(get_variant(name).kind):  # the paper's code is a checkout named by MUONQ_REFERENCE_SRC
