@@ -93,8 +93,8 @@ def speed_section(speed: dict) -> list[str]:
                       f"{', '.join(speed['rows_not_installed'])}."]
     if "paper_muonq" in speed["rows"]:
         lines += ["", "The paper's MuonQ is the authors' code (github.com/YupengSu/MuonQ, `src/optim/muonq.py`, "
-                      "options of its `muonq.yaml`) from a checkout named by `MUONQ_REFERENCE_SRC`; it is not vendored here "
-                      "(`benchmarks/peers.py`)."]
+                      "options of its `muonq.yaml`) from a checkout named by `MUONQ_REFERENCE_SRC`; it is not vendored "
+                      "here (`benchmarks/peers.py`)."]
     gpu = speed.get("gpu")
     lines += ["", "GPU: " + ("see `speed.json`" if gpu else "this run was on the CPU; the GPU figures (`python -m "
               "benchmarks gpu`, `results/gpu_h200.json`) are in the discussion below."), ""]
