@@ -35,7 +35,7 @@ def orthonormalize_columns(P: torch.Tensor, row_sum: RowSum = no_reduction) -> t
         (diag.amin(dim=-1) ** 2 > 1e-8 * diag.amax(dim=-1) ** 2).all()
     )
     if well_conditioned:
-        return torch.linalg.solve_triangular(L, P.mT, upper=False).mT  # P L^-T
+        return torch.linalg.solve_triangular(L.mT, P, upper=True, left=False)  # P L^-T, solved on P's own layout
     evals, evecs = torch.linalg.eigh(gram)
     keep = evals > 1e-10 * evals.amax(dim=-1, keepdim=True).clamp(min=1e-30)
     inv_sqrt = torch.where(keep, evals.clamp(min=1e-30).rsqrt(), torch.zeros_like(evals))

@@ -36,6 +36,16 @@ def test_compiled_encode_gives_the_eager_codes(compiling, bits, granularity, blo
     assert torch.equal(scale, ref_scale)
 
 
+def test_compiled_encode_of_a_transposed_view_gives_the_contiguous_codes(compiling):
+    """R = (P^T M)^T reaches the encode as a transposed view: the compiled codes loop packs its rows all the same
+    (two neighbouring codes per byte need contiguous rows; a strided view once stopped the compilation)."""
+    R = torch.randn(2, 12, 301, generator=torch.Generator().manual_seed(4)).mT  # (2, 301, 12), strides of a .mT
+    assert not R.is_contiguous()
+    codes, scale = quantize(R, 4, 255.0, "column")
+    ref_codes, ref_scale = quantize(R.contiguous(), 4, 255.0, "column")
+    assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale)
+
+
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_compiled_normalized_update_matches_eager(compiling, nesterov):
     """Norms are reductions, which the fused loop may sum in another order: equal to fp32 rounding (1e-6)."""
