@@ -77,8 +77,8 @@ VARIANTS: dict[str, Variant] = {
 }
 # step time: MuonQ against what users would pick instead, and the package's own fp32 Muon
 SPEED_ROWS = [VARIANTS[name] for name in (
-    "torch_muon", "keller_muon", "paper_muonq", "muonq", "muonq_whole_qkv", "muonq_adam8", "muon_fp32", "adamw", "bnb_adamw8bit_hf",
-    "bnb_adamw8bit", "torchao_adamw8bit", "torchao_adamw4bit",
+    "torch_muon", "keller_muon", "paper_muonq", "muonq", "muonq_whole_qkv", "muonq_adam8", "muon_fp32", "adamw",
+    "bnb_adamw8bit_hf", "bnb_adamw8bit", "torchao_adamw8bit", "torchao_adamw4bit",
 )]
 
 
