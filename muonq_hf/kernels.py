@@ -47,10 +47,11 @@ def compile_enabled() -> bool:
 
 
 def _compile_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions by which torch.compile says it could not compile (not errors of the function itself)."""
+    """The exceptions by which torch.compile says it could not compile: dynamo's own (a graph it cannot trace, a
+    backend that failed) and inductor's. An error of the function itself is raised again by the eager rerun."""
     import torch._dynamo.exc as dynamo_exc
 
-    errors: list[type[BaseException]] = [dynamo_exc.BackendCompilerFailed]
+    errors: list[type[BaseException]] = [dynamo_exc.TorchDynamoException]
     try:
         import torch._inductor.exc as inductor_exc
 

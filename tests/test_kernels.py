@@ -99,12 +99,16 @@ def test_switch_off_runs_eagerly_and_bad_values_are_refused(monkeypatch):
         kernels._from_environment()
 
 
-def test_a_failed_compilation_falls_back_to_eager_once(monkeypatch, caplog, compiling):
+@pytest.mark.parametrize("failure", ["backend", "trace"])
+def test_a_failed_compilation_falls_back_to_eager_once(monkeypatch, caplog, compiling, failure):
+    """No compiler (a backend failure) or a graph dynamo cannot trace: eager from then on, one warning."""
     import torch._dynamo.exc as dynamo_exc
 
     def broken(fn, **kw):
         def run(*a, **k):
-            raise dynamo_exc.BackendCompilerFailed(lambda *x: None, RuntimeError("no C++ compiler"), None)
+            if failure == "backend":
+                raise dynamo_exc.BackendCompilerFailed(lambda *x: None, RuntimeError("no C++ compiler"), None)
+            raise dynamo_exc.TorchRuntimeError("RuntimeError when making fake tensor call")
         return run
 
     monkeypatch.setattr(torch, "compile", broken)
@@ -114,6 +118,16 @@ def test_a_failed_compilation_falls_back_to_eager_once(monkeypatch, caplog, comp
         assert torch.equal(f(torch.ones(2)), 2 * torch.ones(2))
     warnings = [r for r in caplog.records if "compiling" in r.getMessage()]
     assert len(warnings) == 1 and "running it eagerly from now on" in warnings[0].getMessage()
+
+
+def test_an_error_of_the_function_itself_reaches_the_caller(compiling):
+    """The eager rerun after a failed compilation raises the function's own error, not a compiler's."""
+    import torch._dynamo.exc as dynamo_exc
+
+    f = kernels.fused(lambda t: t.mT.view(torch.int16))  # a uint8 view as int16 needs unit last stride
+    with pytest.raises(RuntimeError, match="must be 1 to view Byte as Short") as raised:
+        f(torch.zeros(4, 6, dtype=torch.uint8))
+    assert not isinstance(raised.value, dynamo_exc.TorchDynamoException), type(raised.value)
 
 
 @pytest.mark.parametrize(("bits", "granularity", "block_size", "shape"), [
