@@ -2,7 +2,14 @@
 
 import torch
 
-from muonq_hf.lowrank import orthonormalize_columns, power_iteration_factors, product, rank_for, residual
+from muonq_hf.lowrank import (
+    fp32_matmuls_in_bf16,
+    orthonormalize_columns,
+    power_iteration_factors,
+    product,
+    rank_for,
+    residual,
+)
 
 
 def principal_cosines(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -75,3 +82,36 @@ def test_cholesky_qr_on_row_shards_matches_the_unsharded_split():
     R_sharded = sum(s.mT @ p for s, p in zip(shards, P_shards, strict=True))  # the all-reduce of M^T P
     torch.testing.assert_close(torch.cat(P_shards, dim=1), P, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(R_sharded, R, atol=1e-5, rtol=1e-5)
+
+
+def legacy_getter_works() -> bool:
+    try:
+        torch.get_float32_matmul_precision()
+        return True
+    except RuntimeError:
+        return False
+
+
+def test_bf16_split_products_are_fp32_out_and_the_matmul_setting_comes_back():
+    """Where the factors are stored in 4/8 bits the split may let oneDNN compute R = M^T P with bf16 arithmetic
+    inside: R is fp32 and within bf16 rounding of the fp64 product (0.4% of its norm allowed; 3.7e-7 measured on
+    the AMD EPYC of benchmarks/RESULTS.md), and the process's matmul setting is what it was before, also after an
+    error inside (torch refuses its legacy getter while the new setting is changed)."""
+    flags = torch.backends.mkldnn.matmul
+    before, legacy_before = flags.fp32_precision, legacy_getter_works()
+    torch.manual_seed(0)
+    M = torch.randn(1, 96, 384)
+    P, R = power_iteration_factors(M, torch.randn(1, 384, 8), dtype=torch.bfloat16)
+    exact = (M.double().mT @ P.double())
+    assert R.dtype == torch.float32 and flags.fp32_precision == before
+    err = float((R.double() - exact).norm() / exact.norm())
+    assert err < 4e-3, f"R off the fp64 product by {err:.2e} of its norm"
+    try:
+        with fp32_matmuls_in_bf16(True):
+            assert flags.fp32_precision == "bf16"
+            raise KeyError("inside")
+    except KeyError:
+        pass
+    assert flags.fp32_precision == before and legacy_getter_works() == legacy_before
+    with fp32_matmuls_in_bf16(False):
+        assert flags.fp32_precision == before
