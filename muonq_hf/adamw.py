@@ -100,7 +100,8 @@ def _update(
     denom = torch._foreach_sqrt(exp_avg_sqs)  # one temporary per tensor, then in place
     torch._foreach_div_(denom, math.sqrt(bias2))
     torch._foreach_add_(denom, group["eps"])
-    torch._foreach_mul_(weights, 1 - group["lr"] * group["weight_decay"])
+    if group["weight_decay"] != 0:  # decoupled weight decay; the HF Trainer's default weight_decay is 0
+        torch._foreach_mul_(weights, 1 - group["lr"] * group["weight_decay"])
     if all(w.dtype == torch.float32 for w in weights):
         torch._foreach_addcdiv_(weights, exp_avgs, denom, value=-group["lr"] / bias1)
     else:  # the ratio in fp32: eps = 1e-8 is 0 in fp16, and 0 / 0 turned fp16 weights NaN

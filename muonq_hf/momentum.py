@@ -218,6 +218,9 @@ def orthogonalized_update(plan: MatrixPlan, X: torch.Tensor, group: dict) -> tor
 
 
 def apply_update(weight: torch.Tensor, update: torch.Tensor, lr: float, weight_decay: float) -> None:
-    """W *= 1 - lr * wd; W -= lr * update (update already scaled per matrix). The same ops on every backend."""
-    weight.mul_(1 - lr * weight_decay)
+    """W *= 1 - lr * wd; W -= lr * update (update already scaled per matrix). The same ops on every backend.
+    With wd = 0 (the HF Trainer's default) the multiply by 1, a pass over the weight that changes no bit, is
+    skipped."""
+    if weight_decay != 0:
+        weight.mul_(1 - lr * weight_decay)
     weight.add_(update.reshape(weight.shape).to(weight.dtype), alpha=-lr)
