@@ -104,7 +104,7 @@ def stage_profile(m: int, n: int, rank_divisor: int = 16, repeats: int = 5, seed
     dtype = momentum.product_dtype
     P, R = power_iteration_factors(M_bar, R, dtype=dtype)
     res, low_rank, _, _ = momentum.decode_parts(pieces, 0)
-    update = (G, res, low_rank, None, 0.95, True, False, dtype, no_reduction)
+    update = (G, res, low_rank, None, 0.95, True, False, dtype, torch.bfloat16, no_reduction)
 
     stages = {
         "momentum stage (momentum_step, as the optimizer runs it)": lambda: momentum_step(plan, G, state, group, 0),

@@ -39,22 +39,27 @@ def _normalized_update(
     normalize: bool,
     nesterov: bool,
     low_dtype: torch.dtype,
+    x_dtype: torch.dtype,
     row_sum: RowSum,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The momentum update of a batch (c, L, cols), from the decoded parts of the stored momentum.
 
     M_prev = (res + P R^T) * norm_prev (``combine``); G_hat = G / ||G||; M = beta M_prev + G_hat;
-    M_bar = M / ||M|| (without ``normalize``: G_hat = G, M_bar = M, no norm). Returns the NS input X
-    (G_hat + beta M_bar with ``nesterov``, else M_bar), M_bar, M_bar in ``low_dtype`` for the split's M Q
-    (None when that is fp32) and ||M|| (c, 1, 1).
+    M_bar = M / ||M|| (without ``normalize``: G_hat = G, M_bar = M, no norm). Returns the NS input X in
+    ``x_dtype`` (NS's dtype: G_hat + beta M_bar with ``nesterov``, else M_bar), M_bar, M_bar in ``low_dtype``
+    for the split's M Q (None when that is fp32) and ||M|| (c, 1, 1). Without nesterov and with both dtypes
+    bf16 (the defaults), X is that same bf16 M_bar: one tensor, written once, that NS takes as it is.
     """
     M_prev = combine(M_prev, low_rank, norm_prev)
     G_hat = G / (frobenius(G, row_sum) + 1e-7) if normalize else G  # pre-quantization normalization
     M = beta * M_prev + G_hat  # (c, L, cols)
     norm = frobenius(M, row_sum) if normalize else None  # (c, 1, 1)
     M_bar = M / (norm + 1e-7) if normalize else M
+    M_low = None if low_dtype == torch.float32 else M_bar.to(low_dtype)
+    if not nesterov and M_low is not None and x_dtype == low_dtype:
+        return M_low, M_bar, M_low, norm
     X = G_hat + beta * M_bar if nesterov else M_bar
-    return X, M_bar, None if low_dtype == torch.float32 else M_bar.to(low_dtype), norm
+    return X.to(x_dtype), M_bar, M_low, norm
 
 
 # one process: no reduction inside, one fused loop (decoded residual, P R^T and G in; X, M_bar and its bf16 out)
@@ -94,7 +99,8 @@ def muonq_momentum(
 
     update = _normalized_update_fused if row_sum is no_reduction else _normalized_update
     X, M_bar, M_low, norm = update(  # (c, L, cols) x 3, (c, 1, 1)
-        G, res_prev, low_rank, norm_prev, beta, normalize, group["nesterov"], momentum.product_dtype, row_sum
+        G, res_prev, low_rank, norm_prev, beta, normalize, group["nesterov"], momentum.product_dtype,
+        ns_dtype(group), row_sum,
     )
     del res_prev, low_rank  # the decoded parts are dead: their memory serves the split
     P = R = None
@@ -116,7 +122,8 @@ def momentum_step(
     row_sum: RowSum = no_reduction,
     row_max: RowSum = no_reduction,
 ) -> torch.Tensor:
-    """MuonQ's momentum step for every matrix of one parameter; returns the NS input, shaped like G.
+    """MuonQ's momentum step for every matrix of one parameter; returns the NS input, shaped like G, in NS's
+    dtype (``ns_dtype``).
 
     G is the gradient as (E, count, n): the parameter's local experts and local rows [start, start + count).
     ``experts = (first, total)`` places local experts among all of them (FSDP2 shards experts), so the first
@@ -154,7 +161,8 @@ def momentum_steps(
     first, total = experts if experts is not None else (0, E)
     momentum = QuantizedMomentum(plan, group)
     G = Gs[0] if k == 1 else torch.cat(Gs)  # (k E, count, n)
-    X = None if plan.whole else torch.empty_like(G)  # one piece: the batch's result is X itself
+    # one piece: the batch's result is X itself; else the batches' NS inputs go into X, in NS's dtype
+    X = None if plan.whole else torch.empty(G.shape, dtype=ns_dtype(group), device=G.device)
     for b, pieces_b in enumerate(plan.batches):
         keys = [(index,) if b == 0 else (index, b) for index in indices]
         c = len(pieces_b)
@@ -205,22 +213,26 @@ def ns_dtype(group: dict) -> torch.dtype:
 
 
 def orthogonalized_update(plan: MatrixPlan, X: torch.Tensor, group: dict) -> torch.Tensor:
-    """NS5 of every matrix of X (E, m, n) in ``ns_dtype``, each times 0.2 sqrt(max(rows, cols)) of its own
-    shape; fp32."""
+    """NS5 of every matrix of X (E, m, n), each times 0.2 sqrt(max(rows, cols)) of its own shape, in
+    ``ns_dtype`` (bf16 by default: the scale is folded into NS's last matmul, so no fp32 copy of the update is
+    made; a distributed backend moves it in that dtype)."""
+    steps, dtype = group["ns_steps"], ns_dtype(group)
     if plan.whole:  # one piece: no assembling (E, m, n) from batches
-        U = zeropower_via_newtonschulz5(X, group["ns_steps"], ns_dtype(group))  # (E, m, n)
-        return U.float().mul_(muon_scale(plan.m, plan.n))
-    out = torch.empty(X.shape, dtype=torch.float32, device=X.device)
+        return zeropower_via_newtonschulz5(X, steps, dtype, muon_scale(plan.m, plan.n))  # (E, m, n)
+    out = torch.empty(X.shape, dtype=dtype, device=X.device)
     for b in range(len(plan.batches)):
-        U = zeropower_via_newtonschulz5(plan.take(X, b), group["ns_steps"], ns_dtype(group)).float()  # (E*c, r, c)
-        plan.put(out, b, U.mul_(muon_scale(*plan.batch_shape(b))))
+        U = zeropower_via_newtonschulz5(plan.take(X, b), steps, dtype, muon_scale(*plan.batch_shape(b)))
+        plan.put(out, b, U)  # (E*c, r, c) pieces into (E, m, n)
     return out
 
 
 def apply_update(weight: torch.Tensor, update: torch.Tensor, lr: float, weight_decay: float) -> None:
     """W *= 1 - lr * wd; W -= lr * update (update already scaled per matrix). The same ops on every backend.
     With wd = 0 (the HF Trainer's default) the multiply by 1, a pass over the weight that changes no bit, is
-    skipped."""
+    skipped. An fp32 weight adds a bf16 update as is (promoted exactly inside the add, no fp32 copy)."""
     if weight_decay != 0:
         weight.mul_(1 - lr * weight_decay)
-    weight.add_(update.reshape(weight.shape).to(weight.dtype), alpha=-lr)
+    update = update.reshape(weight.shape)
+    if weight.dtype != torch.float32:  # bf16/fp16 weights take the update in their own dtype
+        update = update.to(weight.dtype)
+    weight.add_(update, alpha=-lr)

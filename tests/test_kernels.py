@@ -47,16 +47,25 @@ def test_compiled_encode_of_a_transposed_view_gives_the_contiguous_codes(compili
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_compiled_normalized_update_matches_eager(compiling, nesterov):
-    """Norms are reductions, which the fused loop may sum in another order: equal to fp32 rounding (1e-6)."""
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_compiled_normalized_update_matches_eager(compiling, nesterov, x_dtype):
+    """Norms are reductions, which the fused loop may sum in another order: fp32 outputs equal to fp32 rounding
+    (1e-6), bf16 ones to one bf16 step (2^-7: an fp32 ulp can cross a bf16 rounding boundary). The NS input
+    comes out in NS's dtype; without nesterov a bf16 one is the bf16 M_bar the split uses."""
     g = torch.Generator().manual_seed(1)
     G, res = torch.randn(2, 64, 300, generator=g), torch.randn(2, 64, 300, generator=g)
     low_rank = torch.randn(2, 64, 300, generator=g).bfloat16()
     norm = torch.rand(2, 1, 1, generator=g) + 0.5
-    args = (G, res, low_rank, norm, 0.95, True, nesterov, torch.bfloat16, no_reduction)
+    args = (G, res, low_rank, norm, 0.95, True, nesterov, torch.bfloat16, x_dtype, no_reduction)
     got, ref = _normalized_update_fused(*args), _normalized_update(*args)
     for name, a, b in zip(("X", "M_bar", "M_low", "norm"), got, ref, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+        rtol = 2**-7 if a.dtype == torch.bfloat16 else 1e-6
+        torch.testing.assert_close(a, b, rtol=rtol, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+    assert got[0].dtype == x_dtype
+    X, M_bar, M_low, _ = ref
+    expected = (G / (G.norm(dim=(1, 2), keepdim=True) + 1e-7) + 0.95 * M_bar) if nesterov else M_bar
+    torch.testing.assert_close(X.float(), expected, rtol=2**-7 if x_dtype == torch.bfloat16 else 1e-6, atol=1e-7)
+    assert (X is M_low) == (not nesterov and x_dtype == torch.bfloat16)
 
 
 @pytest.mark.parametrize(("rank", "granularity", "block_size"), [(0, "matrix", None), (6, "matrix", None),

@@ -50,3 +50,19 @@ def test_muon_scale_matches_adamw_rms():
     Q, _ = torch.linalg.qr(torch.randn(256, 64))
     rms = (Q * muon_scale(256, 64)).square().mean().sqrt()
     assert rms == pytest.approx(0.2 * (64 / 256) ** 0.5 * (256 / 64) ** 0.5, rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(48, 96), (96, 48), (3, 40, 40)])
+def test_scale_folded_into_the_last_iteration_and_tall_matrices_iterate_on_the_right(dtype, shape):
+    """NS(G, scale=s) is s NS(G) rounded once (within one rounding of the dtype: 2^-8 relative for bf16), and a
+    tall G gives the transpose of NS(G^T), in G's own (contiguous) layout."""
+    G = torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    s = muon_scale(*shape[-2:])
+    U = zeropower_via_newtonschulz5(G, dtype=dtype).float()
+    scaled = zeropower_via_newtonschulz5(G, dtype=dtype, scale=s)
+    assert scaled.dtype == dtype and scaled.is_contiguous()
+    tol = 2**-7 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(scaled.float(), s * U, rtol=tol, atol=tol * s * U.abs().max().item())
+    transposed = zeropower_via_newtonschulz5(G.mT.contiguous(), dtype=dtype).float().mT
+    torch.testing.assert_close(U, transposed, rtol=2 * tol, atol=2 * tol)

@@ -206,7 +206,7 @@ class RowShard:
 def orthogonalize_on_owners(shards: list[RowShard], group: Any, world: int, rank: int) -> list[torch.Tensor]:
     """One round of matrices with distinct owners: each matrix's rows are gathered on its owner, orthogonalized
     and scaled there (``orthogonalized_update``), and scattered back. Returns this rank's rows (count, n) of
-    each update in fp32. Each NS runs once in the world, and a rank holds at most one whole matrix."""
+    each update in the NS dtype. Each NS runs once in the world, and a rank holds at most one whole matrix."""
     works, gathered = [], None
     for item in shards:
         send = item.X.new_zeros(item.chunk, item.plan.n)  # (chunk, n): the padded row block of this rank
@@ -235,7 +235,7 @@ def orthogonalize_on_owners(shards: list[RowShard], group: Any, world: int, rank
         works.append(dist.scatter(recv, chunks if rank == item.owner else None, src=src, group=group, async_op=True))
     for w in works:
         w.wait()
-    return [recv[: item.count].float() for item, recv in zip(shards, received, strict=True)]
+    return [recv[: item.count] for item, recv in zip(shards, received, strict=True)]
 
 
 def rounds(owners: list[int]) -> list[list[int]]:
