@@ -118,6 +118,7 @@ def stage_profile(m: int, n: int, rank_divisor: int = 16, repeats: int = 5, seed
     }
     out = {}
     for name, fn in stages.items():
+        fn = torch.no_grad()(fn)  # as the optimizer's step runs them
         fn()
         t = []
         for _ in range(repeats):

@@ -33,6 +33,12 @@ def _from_environment() -> bool:
 
 _enabled = _from_environment()
 
+# Compiled variants one fused function may keep. torch's default (8) is reached inside one model: dynamic shapes
+# still specialize square matrices, a batch of 1 and None arguments (the first step), and options change dtypes;
+# past it torch runs the function eagerly from then on (a benchmark process with 5 MuonQ rows hit it). Applied
+# only while a fused function runs; the process's own limit is restored after each call.
+RECOMPILE_LIMIT = 64
+
 
 def set_compile(enabled: bool) -> None:
     """Compile the fused kernels (True, the default) or run them eagerly (False), for this process."""
@@ -61,6 +67,12 @@ def _compile_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _dynamo_config() -> Any:
+    import torch._dynamo  # on first use: importing it costs ~1 s, which `import muonq_hf` does not pay
+
+    return torch._dynamo.config
+
+
 def fused(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` compiled on first use when compiling is enabled; eager when disabled or when compiling failed."""
     slot: dict[str, Any] = {"compiled": None, "failed": False}
@@ -71,13 +83,20 @@ def fused(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         if slot["compiled"] is None:
             slot["compiled"] = torch.compile(fn, dynamic=True)
+        config = _dynamo_config()
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+        limit = getattr(config, name)
+        setattr(config, name, max(limit, RECOMPILE_LIMIT))
         try:
-            return slot["compiled"](*args, **kwargs)
+            with torch.no_grad():  # pure math on tensors: one grad mode, so a caller's mode adds no recompile
+                return slot["compiled"](*args, **kwargs)
         except _compile_errors() as exc:  # no compiler here: eager gives the same values
             slot["failed"] = True
             logger.warning("MuonQ: compiling %s failed (%s); running it eagerly from now on", fn.__name__,
                            type(exc).__name__)
             return fn(*args, **kwargs)
+        finally:
+            setattr(config, name, limit)
 
     run.eager = fn  # type: ignore[attr-defined]
     return run

@@ -152,3 +152,23 @@ def test_compiled_decode_gives_the_eager_values(compiling, bits, granularity, bl
     ref = _dequantize(codes, scale, shape[-1], bits, 255.0, granularity, block_size)
     torch.testing.assert_close(got, ref, rtol=2e-7, atol=0)
     assert (got - x).abs().max() < x.abs().max() / 2  # and they decode x (to a 4-bit code's step)
+
+
+def test_a_fused_function_keeps_more_compiled_variants_than_torchs_default(compiling, caplog):
+    """One model gives a fused function more than torch's 8 variants (square or not, 1 or c matrices, None on the
+    first step, dtypes); past the limit torch would run it eagerly. 10 variants here, none falls back, and the
+    process's own limit is what it was."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    before = getattr(config, name)
+    f = kernels.fused(lambda t: t * 2)
+    dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.int16, torch.int32,
+              torch.int64, torch.uint8, torch.complex64]  # each dtype compiles a graph of its own
+    with caplog.at_level("WARNING"):
+        for dtype in dtypes:
+            assert torch.equal(f(torch.ones(3, dtype=dtype)), torch.full((3,), 2, dtype=dtype))
+    hits = [r.getMessage() for r in caplog.records if "recompile_limit" in r.getMessage()]
+    assert not hits, hits
+    assert getattr(config, name) == before
