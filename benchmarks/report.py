@@ -14,6 +14,8 @@ make bench                                   # = .venv/bin/python -m benchmarks 
                                              #   quality summary of the cached runs, report (15-20 min, 2 cores)
 .venv/bin/python -m benchmarks memory        # results/memory.json (seconds)
 .venv/bin/python -m benchmarks speed         # results/speed.json (CPU, 1 thread, 2 warm-up + 9 timed steps per row)
+git clone https://github.com/YupengSu/MuonQ ../MuonQ-paper   # the paper's code, for its speed row (not vendored)
+MUONQ_REFERENCE_SRC=../MuonQ-paper .venv/bin/python -m benchmarks speed   # the same, with the paper's MuonQ row
 .venv/bin/python -m benchmarks peak          # results/peak.json (GPT-2 small training steps, a process per row)
 PYTHONPATH=. python3 -m benchmarks gpu --out DIR  # GPU machine: CUDA checks, speed, peak (<= 7 min)
 nohup .venv/bin/python -m benchmarks quality --run > runs/bench_quality/driver.log 2>&1 &   # the training study
