@@ -69,6 +69,11 @@ def whole_muon_step(momentum: MomentumStage, task: Task, state: dict) -> None:
 BATCH_ELEMENTS: dict[str, int] = {"cuda": 1 << 23}
 
 
+def _budget(p: torch.Tensor, budget: int | None) -> int:
+    """Gradient elements of one batch on ``p``'s device: ``budget``, or the device type's ``BATCH_ELEMENTS``."""
+    return BATCH_ELEMENTS.get(p.device.type, 0) if budget is None else budget
+
+
 def muon_batches(
     tasks: list[Task], states: MutableMapping[torch.Tensor, dict], budget: int | None = None
 ) -> list[list[Task]]:
@@ -76,20 +81,16 @@ def muon_batches(
     all before or all past their first step, at most ``budget`` gradient elements per batch (None: the device
     type's ``BATCH_ELEMENTS``); deterministic rounding only (stochastic noise is keyed per parameter). Batches
     of one are left out: those parameters take ``whole_step``."""
-
-    def limit(p: torch.Tensor) -> int:
-        return BATCH_ELEMENTS.get(p.device.type, 0) if budget is None else budget
-
     by_key: dict[tuple, list[Task]] = {}
     for t in tasks:
         p, group = t.param, t.group
         if not group["use_muon"] or p.grad is None or p.ndim < 2 or group["stochastic_rounding"]:
             continue
-        if 2 * p.numel() > limit(p):  # not two of them in a batch
+        if 2 * p.numel() > _budget(p, budget):  # not two of them in a batch
             continue
         started = "step" in states.get(p, {})
         by_key.setdefault((id(group), plan_of(p, group), p.dtype, p.device, started), []).append(t)
-    return [batch for same in by_key.values() for batch in _packed(same, limit(same[0].param))]
+    return [batch for same in by_key.values() for batch in _packed(same, _budget(same[0].param, budget))]
 
 
 def adamw_batches(
@@ -101,7 +102,7 @@ def adamw_batches(
     by_key: dict[tuple, list[Task]] = {}
     for t in tasks:
         p, group = t.param, t.group
-        limit = BATCH_ELEMENTS.get(p.device.type, 0) if budget is None else budget
+        limit = _budget(p, budget)
         g = p.grad
         if group["use_muon"] or g is None or g.is_sparse or p.dtype != torch.float32 or g.dtype != torch.float32:
             continue
