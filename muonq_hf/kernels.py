@@ -67,10 +67,14 @@ def _compile_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _dynamo_config() -> Any:
-    import torch._dynamo  # on first use: importing it costs ~1 s, which `import muonq_hf` does not pay
+@functools.cache
+def _recompile_limit_setting() -> tuple[Any, str]:
+    """(torch._dynamo's config, the name of its recompile limit), looked up once, on first use: importing dynamo
+    costs ~1 s, which `import muonq_hf` does not pay."""
+    import torch._dynamo
 
-    return torch._dynamo.config
+    config = torch._dynamo.config
+    return config, "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
 
 
 def fused(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -83,8 +87,7 @@ def fused(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         if slot["compiled"] is None:
             slot["compiled"] = torch.compile(fn, dynamic=True)
-        config = _dynamo_config()
-        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+        config, name = _recompile_limit_setting()
         limit = getattr(config, name)
         setattr(config, name, max(limit, RECOMPILE_LIMIT))
         try:
