@@ -29,20 +29,65 @@ def zeropower_via_newtonschulz5(
     X = G.to(dtype).reshape(-1, *G.shape[-2:])  # (k, m, n)
     tall = G.size(-2) > G.size(-1)  # iterate on the short side: the Gram matrix is (min, min)
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
-    if X.size(0) == 1:  # one matrix: 2-D addmm is the fastest kernel (CPU bf16: 15% faster than baddbmm)
+    if X.device.type == "cpu" and X.size(0) > 0:  # one matrix at a time: 2-D addmm (bf16: 6-15% faster than
+        blocks = symmetric_blocks(min(G.shape[-2:]))  # baddbmm), with the symmetric products by blocks
+        Xs = [_iterate(x, steps, torch.addmm, tall, scale, blocks) for x in X]
+        X = Xs[0].unsqueeze(0) if len(Xs) == 1 else torch.stack(Xs)
+    elif X.size(0) == 1:  # one matrix on a GPU: 2-D addmm
         X = _iterate(X[0], steps, torch.addmm, tall, scale).unsqueeze(0)
-    elif X.device.type == "cpu" and X.size(0) > 1:  # a batch on CPU: addmm per matrix (bf16: 6% faster than
-        X = torch.stack([_iterate(x, steps, torch.addmm, tall, scale) for x in X])  # baddbmm); GPUs: one launch
-    else:
+    else:  # a batch on a GPU (or no matrix, e.g. an empty expert shard): one launch per product
         X = _iterate(X, steps, torch.baddbmm, tall, scale)
     return X.reshape(G.shape)
 
 
+def symmetric_blocks(s: int) -> int:
+    """Column blocks of an (s, s) symmetric product on CPU: blocks ~192 wide, at most 8 (1: one plain product).
+
+    Measured on CPU, bf16, 1 thread (benchmarks/RESULTS.md): X X^T of 768 x 3072 in 4 blocks 4.8 vs 7.1 ms, of
+    768 x 768 1.4 vs 1.8 ms; of 2048 x 4096 in 8 blocks 50 vs 79 ms. Below 384 a plain product is as fast."""
+    return max(1, min(8, s // 192))
+
+
+def symmetric_mm(
+    L: torch.Tensor,
+    R: torch.Tensor,
+    blocks: int,
+    C: torch.Tensor | None = None,
+    beta: float = 0.0,
+    alpha: float = 1.0,
+) -> torch.Tensor:
+    """L @ R (or beta C + alpha L @ R) where the result is known to be symmetric (s, s): L (s, k), R (k, s).
+
+    Only the upper part [0, end) x [start, end) of each block column is computed, by one (add)mm, and each block
+    below the diagonal is a copy of the transposed block above it: (1 + 1/blocks) / 2 of the multiply-adds.
+    Each computed element is the plain product's dot product (the same values on this project's CPU; tested to
+    one rounding of the dtype).
+    """
+    if blocks < 2:
+        return L @ R if C is None else torch.addmm(C, L, R, beta=beta, alpha=alpha)
+    s = L.size(0)
+    out = L.new_empty(s, s)
+    edges = [s * j // blocks for j in range(blocks + 1)]
+    for start, end in zip(edges[:-1], edges[1:], strict=True):  # block column [start, end), rows [0, end)
+        if C is None:
+            out[:end, start:end] = L[:end] @ R[:, start:end]
+        else:
+            out[:end, start:end] = torch.addmm(C[:end, start:end], L[:end], R[:, start:end], beta=beta, alpha=alpha)
+    for start, end in zip(edges[1:-1], edges[2:], strict=True):  # rows [start, end) left of the diagonal
+        out[start:end, :start] = out[:start, start:end].mT
+    return out
+
+
 def _iterate(
-    X: torch.Tensor, steps: int, fused_mm: Callable[..., torch.Tensor], tall: bool, scale: float = 1.0
+    X: torch.Tensor,
+    steps: int,
+    fused_mm: Callable[..., torch.Tensor],
+    tall: bool,
+    scale: float = 1.0,
+    blocks: int = 1,
 ) -> torch.Tensor:
     """``steps`` quintic iterations on X (m, n) or (k, m, n), the last one times ``scale``; ``fused_mm`` is addmm
-    or baddbmm.
+    or baddbmm. With ``blocks`` > 1 (2-D X) the two symmetric products are computed by ``symmetric_mm``.
 
     A wide X (m <= n) iterates X <- a X + B X with B = b A + c A^2, A = X X^T (m, m). A tall X iterates the
     transpose of that on X^T, written on X itself: A = X^T X (n, n), X <- a X + X B^T. The values are those of
@@ -52,8 +97,12 @@ def _iterate(
     a, b, c = NS_COEFFICIENTS
     for i in range(steps):
         f = scale if i == steps - 1 else 1.0
-        A = X.mT @ X if tall else X @ X.mT  # (k, s, s), s = min(m, n)
-        B = fused_mm(A, A, A, beta=b, alpha=c)  # b A + c A A, one fused matmul
+        if blocks > 1:  # A and A A are symmetric
+            A = symmetric_mm(X.mT, X, blocks) if tall else symmetric_mm(X, X.mT, blocks)  # (s, s), s = min(m, n)
+            B = symmetric_mm(A, A, blocks, A, beta=b, alpha=c)  # b A + c A A
+        else:
+            A = X.mT @ X if tall else X @ X.mT  # (k, s, s)
+            B = fused_mm(A, A, A, beta=b, alpha=c)  # b A + c A A, one fused matmul
         # f (a X + X B^T), or f (a X + B X)
         X = fused_mm(X, X, B.mT, beta=a * f, alpha=f) if tall else fused_mm(X, B, X, beta=a * f, alpha=f)
     return X if steps else X * scale

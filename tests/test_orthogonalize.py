@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from muonq_hf.orthogonalize import muon_scale, zeropower_via_newtonschulz5
+from muonq_hf.orthogonalize import (
+    NS_COEFFICIENTS,
+    _iterate,
+    muon_scale,
+    symmetric_blocks,
+    symmetric_mm,
+    zeropower_via_newtonschulz5,
+)
 
 
 @pytest.mark.parametrize("shape", [(48, 96), (96, 48), (3, 40, 24)])
@@ -42,6 +49,7 @@ def test_ns5_is_scale_invariant_and_maps_zero_to_zero():
     torch.testing.assert_close(ns(1e-3 * G), ns(G), atol=1e-5, rtol=0)
     assert torch.equal(ns(torch.zeros(8, 8)), torch.zeros(8, 8))
     assert torch.equal(zeropower_via_newtonschulz5(torch.zeros(8, 8)).float(), torch.zeros(8, 8))  # bf16 too
+    assert zeropower_via_newtonschulz5(torch.zeros(0, 8, 4)).shape == (0, 8, 4)  # no matrix: an empty expert shard
 
 
 def test_muon_scale_matches_adamw_rms():
@@ -66,3 +74,48 @@ def test_scale_folded_into_the_last_iteration_and_tall_matrices_iterate_on_the_r
     torch.testing.assert_close(scaled.float(), s * U, rtol=tol, atol=tol * s * U.abs().max().item())
     transposed = zeropower_via_newtonschulz5(G.mT.contiguous(), dtype=dtype).float().mT
     torch.testing.assert_close(U, transposed, rtol=2 * tol, atol=2 * tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("s", "k", "blocks"), [(384, 1000, 2), (500, 130, 3), (768, 768, 4), (97, 50, 8)])
+def test_symmetric_products_by_blocks_are_the_plain_products(dtype, s, k, blocks):
+    """X X^T and b A + c A A computed by block columns: the plain product's values, the blocks below the diagonal
+    the transposed blocks above it. Each
+    element is the same fp32-accumulated dot product rounded once to the dtype; a BLAS may sum a block in
+    another order, which moves an fp32 sum by ulps and can cross one rounding boundary of the dtype (2^-8
+    relative for bf16), so that is the tolerance (on the CPU of this project's CI the values are equal)."""
+    g = torch.Generator().manual_seed(s)
+    X = torch.randn(s, k, generator=g).to(dtype)
+    tol = 2**-8 if dtype == torch.bfloat16 else 1e-6
+    A = symmetric_mm(X, X.mT, blocks)
+    assert A.dtype == dtype
+    e = s * (blocks - 1) // blocks  # the last block column starts here
+    assert torch.equal(A[e:, :e], A[:e, e:].mT)
+    plain = X @ X.mT
+    torch.testing.assert_close(A, plain, rtol=tol, atol=tol * plain.abs().max().item())
+    b, c = NS_COEFFICIENTS[1:]
+    B = symmetric_mm(A, A, blocks, A, beta=b, alpha=c)
+    assert torch.equal(B[e:, :e], B[:e, e:].mT)
+    plain = torch.addmm(A, A, A, beta=b, alpha=c)
+    torch.testing.assert_close(B, plain, rtol=tol, atol=tol * plain.abs().max().item())
+
+
+@pytest.mark.parametrize("shape", [(768, 1536), (1536, 768)])
+def test_newton_schulz_with_blocked_products_is_the_plain_iteration(shape):
+    """CPU Newton-Schulz computes its two symmetric products by blocks (768: 4 blocks, ~3/5 of their work): the
+    update of the plain iteration, to one bf16 rounding per element (relative Frobenius 2^-8; bf16 NS itself is
+    ~1% from fp32 NS)."""
+    G = torch.randn(shape, generator=torch.Generator().manual_seed(9))
+    assert symmetric_blocks(768) == 4
+    X = G.bfloat16()
+    X = X / (X.norm() + 1e-7)  # as zeropower_via_newtonschulz5 scales its input
+    tall = shape[0] > shape[1]
+    blocked = _iterate(X, 5, torch.addmm, tall, 2.0, blocks=4)
+    plain = _iterate(X, 5, torch.addmm, tall, 2.0, blocks=1)
+    error = ((blocked.float() - plain.float()).norm() / plain.float().norm()).item()
+    assert error <= 2**-8, f"blocked NS differs from the plain iteration by {error:.2e} (relative Frobenius)"
+    torch.testing.assert_close(zeropower_via_newtonschulz5(G, scale=2.0), blocked)  # the CPU default
+
+
+def test_symmetric_blocks_are_about_192_wide_and_at_most_8():
+    assert [symmetric_blocks(s) for s in (64, 383, 384, 768, 1000, 1536, 4096)] == [1, 1, 2, 4, 5, 8, 8]
