@@ -4,11 +4,11 @@ import pytest
 import torch
 
 import muonq_hf.kernels as kernels
-from muonq_hf.codecs import _dequantize, dequantize, quantize
+from muonq_hf.codecs import LevelCodes, dequantize, level_codes, quantize
 from muonq_hf.lowrank import no_reduction
 from muonq_hf.momentum import _normalized_update, _normalized_update_fused
 from muonq_hf.options import DEFAULTS
-from muonq_hf.state import QuantizedMomentum
+from muonq_hf.state import QuantizedMomentum, combine
 
 
 @pytest.fixture
@@ -66,6 +66,39 @@ def test_compiled_normalized_update_matches_eager(compiling, nesterov, x_dtype):
     expected = (G / (G.norm(dim=(1, 2), keepdim=True) + 1e-7) + 0.95 * M_bar) if nesterov else M_bar
     torch.testing.assert_close(X.float(), expected, rtol=2**-7 if x_dtype == torch.bfloat16 else 1e-6, atol=1e-7)
     assert (X is M_low) == (not nesterov and x_dtype == torch.bfloat16)
+
+
+def test_compiled_update_decodes_level_codes_to_the_eager_momentum(compiling):
+    """The fused update reads the 4-bit residual as ``LevelCodes`` (one byte per element) and decodes it inside
+    its loop: the outputs of the eager update of the decoded fp32 residual, to the tolerances above."""
+    g = torch.Generator().manual_seed(5)
+    G = torch.randn(2, 64, 301, generator=g)
+    codes, scale = quantize(torch.randn(2, 64, 301, generator=g) / 100, 4, 255.0)
+    low_rank = (torch.randn(2, 64, 301, generator=g) / 1000).bfloat16()
+    decoded = dequantize(codes, scale, 301, 4, 255.0)
+    tail = (low_rank, None, 0.95, True, False, torch.bfloat16, torch.bfloat16, no_reduction)
+    got = _normalized_update_fused(G, level_codes(codes, scale, 301, 255.0), *tail)
+    ref = _normalized_update(G, decoded, *tail)
+    for name, a, b in zip(("X", "M_bar", "M_low", "norm"), got, ref, strict=True):
+        rtol = 2**-7 if a.dtype == torch.bfloat16 else 1e-6
+        torch.testing.assert_close(a, b, rtol=rtol, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize(("bits", "block_size", "expected"), [(4, None, LevelCodes), (8, None, torch.Tensor),
+                                                              (4, 64, torch.Tensor)])
+def test_only_a_matrix_scaled_4bit_residual_is_left_to_the_fused_loop(bits, block_size, expected):
+    """``decode_parts(in_kernel=True)`` defers the decode of 4-bit codes with one scale per matrix (16 values);
+    8-bit and blockwise residuals come decoded. Either way ``combine`` gives the same momentum."""
+    group = {**DEFAULTS, "use_muon": True, "bits": bits, "block_size": block_size}
+    momentum = QuantizedMomentum.of((64, 256), group)
+    pieces = {}
+    M = torch.randn(1, 64, 256, generator=torch.Generator().manual_seed(6)) / 100
+    P = torch.linalg.qr(torch.randn(1, 64, 4, generator=torch.Generator().manual_seed(7)))[0]
+    momentum.encode(pieces, M, P, M.mT @ P, None, (0,))
+    deferred, low_rank, norm, _ = momentum.decode_parts(pieces, 0, in_kernel=True)
+    decoded = momentum.decode_parts(pieces, 0)[0]
+    assert isinstance(deferred, expected)
+    assert torch.equal(combine(deferred, low_rank, norm), combine(decoded, low_rank, norm))
 
 
 @pytest.mark.parametrize(("rank", "granularity", "block_size"), [(0, "matrix", None), (6, "matrix", None),
@@ -145,11 +178,13 @@ def test_an_error_of_the_function_itself_reaches_the_caller(compiling):
     (8, "column", None, (1, 33, 7)),
 ])
 def test_compiled_decode_gives_the_eager_values(compiling, bits, granularity, block_size, shape):
-    """Unpack, scale and expand in one loop: the eager values (fp32 expm1 of the same products, to 1 ulp)."""
+    """Scale and expand the unpacked codes in one loop: the eager values (fp32 expm1 of the same products, to
+    1 ulp)."""
     x = torch.randn(shape, generator=torch.Generator().manual_seed(3)) / 10
     codes, scale = quantize(x, bits, 255.0, granularity, block_size)
     got = dequantize(codes, scale, shape[-1], bits, 255.0, granularity, block_size)
-    ref = _dequantize(codes, scale, shape[-1], bits, 255.0, granularity, block_size)
+    kernels.set_compile(False)
+    ref = dequantize(codes, scale, shape[-1], bits, 255.0, granularity, block_size)
     torch.testing.assert_close(got, ref, rtol=2e-7, atol=0)
     assert (got - x).abs().max() < x.abs().max() / 2  # and they decode x (to a 4-bit code's step)
 
