@@ -18,7 +18,6 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
@@ -284,36 +283,6 @@ def _dequantize_by_table(codes: torch.Tensor, scale: torch.Tensor, n: int, bits:
         table = table.contiguous().view(torch.float64)
     out = table.flatten().index_select(0, index.flatten())  # (k m width) words
     return out.view(torch.float32).view(*lead, m, -1)[..., :n]
-
-
-class LevelCodes(NamedTuple):
-    """A 4-bit, matrix-scaled tensor to be decoded inside the caller's fused loop (``decode_levels``).
-
-    ``codes`` (..., m, n) uint8 holds one code + 8 per byte (``unpack4_bytes``); ``magnitudes`` (..., 1, 1, 9)
-    fp32 the value C^-1(k s) of each level k = 0..8 of each matrix. Reading 1 byte per element there, instead
-    of the 4 of a decoded fp32 tensor written before it, is what makes the decode nearly free on CPU.
-    """
-
-    codes: torch.Tensor
-    magnitudes: torch.Tensor
-
-
-def level_codes(codes: torch.Tensor, scale: torch.Tensor, n: int, mu: float) -> LevelCodes:
-    """The packed 4-bit codes (..., m, ceil(n/2)) with one scale per matrix (..., 1, 1) as ``LevelCodes``."""
-    levels = torch.arange(QMAX[4] + 2, dtype=torch.float32, device=codes.device)  # 0..8 (8: the code -8)
-    return LevelCodes(unpack4_bytes(codes, n), expand(levels * scale.float().unsqueeze(-1), mu))
-
-
-def decode_levels(levels: LevelCodes) -> torch.Tensor:
-    """``dequantize``'s fp32 values, bit for bit, of ``LevelCodes``: the magnitude of each code's level picked
-    by comparisons (a vectorized select; a compiled table gather runs element by element on CPU), with the
-    code's sign (C^-1 is odd: C^-1(-k s) = -C^-1(k s) exactly)."""
-    q = levels.codes.to(torch.int32) - (QMAX[4] + 1)  # (..., m, n) in -8..7
-    level, magnitudes = q.abs(), levels.magnitudes
-    value = magnitudes[..., 0]  # C^-1(0) = 0
-    for k in range(1, QMAX[4] + 2):
-        value = torch.where(level == k, magnitudes[..., k], value)
-    return torch.copysign(value, q.float())
 
 
 @functools.lru_cache(maxsize=16)

@@ -18,8 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from .codecs import LevelCodes
-from .kernels import compile_enabled, fused
+from .kernels import fused
 from .lowrank import RowSum, no_reduction, power_iteration_factors
 from .matrices import MatrixPlan
 from .orthogonalize import NS_DTYPES, muon_scale, zeropower_via_newtonschulz5
@@ -33,7 +32,7 @@ def frobenius(x: torch.Tensor, row_sum: RowSum) -> torch.Tensor:
 
 def _normalized_update(
     G: torch.Tensor,
-    M_prev: torch.Tensor | LevelCodes,
+    M_prev: torch.Tensor,
     low_rank: torch.Tensor | None,
     norm_prev: torch.Tensor | None,
     beta: float,
@@ -45,12 +44,11 @@ def _normalized_update(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The momentum update of a batch (c, L, cols), from the decoded parts of the stored momentum.
 
-    M_prev = (res + P R^T) * norm_prev (``combine``; res may come as ``LevelCodes``); G_hat = G / ||G||;
-    M = beta M_prev + G_hat; M_bar = M / ||M|| (without ``normalize``: G_hat = G, M_bar = M, no norm).
-    Returns the NS input X in ``x_dtype`` (NS's dtype: G_hat + beta M_bar with ``nesterov``, else M_bar),
-    M_bar, M_bar in ``low_dtype`` for the split's M Q (None when that is fp32) and ||M|| (c, 1, 1). Without
-    nesterov and with both dtypes bf16 (the defaults), X is that same bf16 M_bar: one tensor, written once,
-    that NS takes as it is.
+    M_prev = (res + P R^T) * norm_prev (``combine``); G_hat = G / ||G||; M = beta M_prev + G_hat;
+    M_bar = M / ||M|| (without ``normalize``: G_hat = G, M_bar = M, no norm). Returns the NS input X in
+    ``x_dtype`` (NS's dtype: G_hat + beta M_bar with ``nesterov``, else M_bar), M_bar, M_bar in ``low_dtype``
+    for the split's M Q (None when that is fp32) and ||M|| (c, 1, 1). Without nesterov and with both dtypes
+    bf16 (the defaults), X is that same bf16 M_bar: one tensor, written once, that NS takes as it is.
     """
     M_prev = combine(M_prev, low_rank, norm_prev)
     G_hat = G / (frobenius(G, row_sum) + 1e-7) if normalize else G  # pre-quantization normalization
@@ -90,8 +88,7 @@ def muonq_momentum(
     beta, normalize = group["momentum"], group["normalize"]
     r, cols = momentum.rank(b), G.size(-1)
 
-    fused_update = row_sum is no_reduction and compile_enabled()  # one process: decode inside the fused loop
-    res_prev, low_rank, norm_prev, R_prev = momentum.decode_parts(pieces, b, fused_update)  # (c, L, cols) ..
+    res_prev, low_rank, norm_prev, R_prev = momentum.decode_parts(pieces, b)  # (c, L, cols) .. (c, cols, r)
     if res_prev is None:  # first step: zero momentum, seeded Gaussian warm start
         res_prev = torch.zeros_like(G)
         R_prev = R_init(cols, r).to(G.device) if r else None
@@ -100,7 +97,7 @@ def muonq_momentum(
         if bool(dead.any()):  # (a rank-deficient momentum, e.g. a zero first gradient): re-seed them from the
             R_prev = torch.where(dead, R_init(cols, r).to(G.device), R_prev)  # keyed Gaussian, so the split recovers
 
-    update = _normalized_update_fused if fused_update else _normalized_update
+    update = _normalized_update_fused if row_sum is no_reduction else _normalized_update
     X, M_bar, M_low, norm = update(  # (c, L, cols) x 3, (c, 1, 1)
         G, res_prev, low_rank, norm_prev, beta, normalize, group["nesterov"], momentum.product_dtype,
         ns_dtype(group), row_sum,

@@ -19,14 +19,11 @@ import torch
 
 from .codecs import (
     DynamicCodebook,
-    LevelCodes,
     code_points,
-    decode_levels,
     dequantize,
     dynamic_codebook,
     group_absmax,
     group_scale,
-    level_codes,
     nearest_codes,
     packed_width,
     quantize,
@@ -57,11 +54,8 @@ def scale_dtype(group: dict) -> torch.dtype:
     return torch.float16 if group["normalize"] else torch.float32
 
 
-def combine(res: torch.Tensor | LevelCodes, low_rank: torch.Tensor | None, norm: torch.Tensor | None) -> torch.Tensor:
-    """The momentum from its stored parts: (res + P R^T) * norm; a bf16 P R^T is promoted on the fly, and a
-    residual given as ``LevelCodes`` is decoded here (inside the caller's fused loop)."""
-    if isinstance(res, LevelCodes):
-        res = decode_levels(res)
+def combine(res: torch.Tensor, low_rank: torch.Tensor | None, norm: torch.Tensor | None) -> torch.Tensor:
+    """The momentum from its stored parts: (res + P R^T) * norm; a bf16 P R^T is promoted on the fly."""
     M = res if low_rank is None else res + low_rank
     return M if norm is None else M * norm
 
@@ -222,14 +216,11 @@ class QuantizedMomentum:
 
     # -------------------------------------------------------------------------------------- codec
     def decode_parts(
-        self, pieces: dict, b: int, in_kernel: bool = False
-    ) -> tuple[torch.Tensor | LevelCodes | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        self, pieces: dict, b: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Batch b's stored momentum in parts: residual (c, rows, cols) fp32, P R^T (c, rows, cols) in
         ``product_dtype`` (None without a split), the stored norm (c, 1, 1) (None unless ``store_norm``) and
-        R (c, cols, r); the momentum is ``combine(res, P R^T, norm)``. All None before step 1.
-
-        ``in_kernel``: the caller's ``combine`` runs compiled, so a 4-bit residual with one scale per matrix is
-        returned as ``LevelCodes``, decoded there (the same values)."""
+        R (c, cols, r); the momentum is ``combine(res, P R^T, norm)``. All None before step 1."""
         if not any(k in pieces for k in ("res", "res_codes")):
             return None, None, None, None
         cols, r, bits, mu = self.plan.batch_shape(b)[1], self.rank(b), self.bits, self.mu
@@ -241,10 +232,7 @@ class QuantizedMomentum:
         else:
             scale = pieces["res_scale"]
             scale = scale.view(-1, 1, 1) if scale.ndim == 1 else scale
-            if in_kernel and bits == 4 and self.granularity == "matrix":
-                res = level_codes(pieces["res_codes"], scale, cols, mu)
-            else:
-                res = dequantize(pieces["res_codes"], scale, cols, bits, mu, self.granularity, self.block_size)
+            res = dequantize(pieces["res_codes"], scale, cols, bits, mu, self.granularity, self.block_size)
             R = None
             if "R_codes" in pieces:
                 P = dequantize(pieces["P_codes"], pieces["P_scale"].unsqueeze(-2), r, bits, mu, "column")

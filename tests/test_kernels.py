@@ -4,11 +4,11 @@ import pytest
 import torch
 
 import muonq_hf.kernels as kernels
-from muonq_hf.codecs import LevelCodes, dequantize, level_codes, quantize
+from muonq_hf.codecs import dequantize, quantize
 from muonq_hf.lowrank import no_reduction
 from muonq_hf.momentum import _normalized_update, _normalized_update_fused
 from muonq_hf.options import DEFAULTS
-from muonq_hf.state import QuantizedMomentum, combine
+from muonq_hf.state import QuantizedMomentum
 
 
 @pytest.fixture
@@ -66,39 +66,6 @@ def test_compiled_normalized_update_matches_eager(compiling, nesterov, x_dtype):
     expected = (G / (G.norm(dim=(1, 2), keepdim=True) + 1e-7) + 0.95 * M_bar) if nesterov else M_bar
     torch.testing.assert_close(X.float(), expected, rtol=2**-7 if x_dtype == torch.bfloat16 else 1e-6, atol=1e-7)
     assert (X is M_low) == (not nesterov and x_dtype == torch.bfloat16)
-
-
-def test_compiled_update_decodes_level_codes_to_the_eager_momentum(compiling):
-    """The fused update reads the 4-bit residual as ``LevelCodes`` (one byte per element) and decodes it inside
-    its loop: the outputs of the eager update of the decoded fp32 residual, to the tolerances above."""
-    g = torch.Generator().manual_seed(5)
-    G = torch.randn(2, 64, 301, generator=g)
-    codes, scale = quantize(torch.randn(2, 64, 301, generator=g) / 100, 4, 255.0)
-    low_rank = (torch.randn(2, 64, 301, generator=g) / 1000).bfloat16()
-    decoded = dequantize(codes, scale, 301, 4, 255.0)
-    tail = (low_rank, None, 0.95, True, False, torch.bfloat16, torch.bfloat16, no_reduction)
-    got = _normalized_update_fused(G, level_codes(codes, scale, 301, 255.0), *tail)
-    ref = _normalized_update(G, decoded, *tail)
-    for name, a, b in zip(("X", "M_bar", "M_low", "norm"), got, ref, strict=True):
-        rtol = 2**-7 if a.dtype == torch.bfloat16 else 1e-6
-        torch.testing.assert_close(a, b, rtol=rtol, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
-
-
-@pytest.mark.parametrize(("bits", "block_size", "expected"), [(4, None, LevelCodes), (8, None, torch.Tensor),
-                                                              (4, 64, torch.Tensor)])
-def test_only_a_matrix_scaled_4bit_residual_is_left_to_the_fused_loop(bits, block_size, expected):
-    """``decode_parts(in_kernel=True)`` defers the decode of 4-bit codes with one scale per matrix (16 values);
-    8-bit and blockwise residuals come decoded. Either way ``combine`` gives the same momentum."""
-    group = {**DEFAULTS, "use_muon": True, "bits": bits, "block_size": block_size}
-    momentum = QuantizedMomentum.of((64, 256), group)
-    pieces = {}
-    M = torch.randn(1, 64, 256, generator=torch.Generator().manual_seed(6)) / 100
-    P = torch.linalg.qr(torch.randn(1, 64, 4, generator=torch.Generator().manual_seed(7)))[0]
-    momentum.encode(pieces, M, P, M.mT @ P, None, (0,))
-    deferred, low_rank, norm, _ = momentum.decode_parts(pieces, 0, in_kernel=True)
-    decoded = momentum.decode_parts(pieces, 0)[0]
-    assert isinstance(deferred, expected)
-    assert torch.equal(combine(deferred, low_rank, norm), combine(decoded, low_rank, norm))
 
 
 @pytest.mark.parametrize(("rank", "granularity", "block_size"), [(0, "matrix", None), (6, "matrix", None),
