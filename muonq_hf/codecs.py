@@ -202,7 +202,7 @@ def code_points(scale: torch.Tensor, bits: int, mu: float) -> torch.Tensor:
     return expand(s * torch.arange(0.5, QMAX[bits], device=s.device), mu)  # (..., qmax)
 
 
-def nearest_levels(
+def nearest_code_bytes(
     x: torch.Tensor, points: torch.Tensor, bits: int, mu: float, granularity: str, block_size: int | None
 ) -> torch.Tensor:
     """The codes round(C(x) / s) of x (..., m, n), one byte per code (``code_bytes``), from ``code_points``.
@@ -225,14 +225,14 @@ def nearest_levels(
     return code_bytes(q, bits)
 
 
-_nearest_levels_fused = fused(nearest_levels)  # one vectorized loop; the packing runs after it, eagerly
+_nearest_code_bytes_fused = fused(nearest_code_bytes)  # one vectorized loop; the packing runs after it, eagerly
 
 
 def nearest_codes(
     x: torch.Tensor, points: torch.Tensor, bits: int, mu: float, granularity: str, block_size: int | None
 ) -> torch.Tensor:
-    """The stored codes of ``nearest_levels`` (packed two per byte for 4 bits), computed by its fused loop."""
-    return store_codes(_nearest_levels_fused(x, points, bits, mu, granularity, block_size), bits)
+    """The stored codes of ``nearest_code_bytes`` (packed two per byte for 4 bits), computed by its fused loop."""
+    return store_codes(_nearest_code_bytes_fused(x, points, bits, mu, granularity, block_size), bits)
 
 
 def code_bytes(q: torch.Tensor, bits: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ from .codecs import (
     dynamic_codebook,
     group_absmax,
     group_scale,
-    nearest_levels,
+    nearest_code_bytes,
     packed_width,
     quantize,
     store_codes,
@@ -66,16 +66,16 @@ def _residual_absmax(M: torch.Tensor, low_rank: torch.Tensor | None, granularity
     return group_absmax(residual(M, low_rank), granularity, block_size)
 
 
-def _residual_levels(M: torch.Tensor, low_rank: torch.Tensor | None, points: torch.Tensor, bits: int, mu: float,
-                     granularity: str, block_size: int | None) -> torch.Tensor:
-    return nearest_levels(residual(M, low_rank), points, bits, mu, granularity, block_size)
+def _residual_code_bytes(M: torch.Tensor, low_rank: torch.Tensor | None, points: torch.Tensor, bits: int, mu: float,
+                         granularity: str, block_size: int | None) -> torch.Tensor:
+    return nearest_code_bytes(residual(M, low_rank), points, bits, mu, granularity, block_size)
 
 
 # One process, round to nearest: the residual M - P R^T is formed inside the two passes of its encode (max, then
 # codes) and never stored in fp32. Two kernels, with the fp16 scale rounded and the code points computed between
 # them: inductor's C++ backend does not vectorize a loop that mixes bf16 (P R^T) and fp16 (the scale), 4x slower.
 _residual_absmax_fused = fused(_residual_absmax)
-_residual_levels_fused = fused(_residual_levels)
+_residual_code_bytes_fused = fused(_residual_code_bytes)
 
 
 # ------------------------------------------------------------------------------------------- AdamW
@@ -280,8 +280,8 @@ class QuantizedMomentum:
             absmax = _residual_absmax_fused(M, low_rank, self.granularity, self.block_size)
             scale = group_scale(absmax, bits, mu, dtype)  # (c, 1, 1) or (c, L, nb)
             points = code_points(scale, bits, mu)  # (c, 1, 1, 7) level boundaries or (c, 1, 1, 1) scales
-            levels = _residual_levels_fused(M, low_rank, points, bits, mu, self.granularity, self.block_size)
-            codes = store_codes(levels, bits)  # packed after the loop (see codecs.pack_nibbles)
+            per_code = _residual_code_bytes_fused(M, low_rank, points, bits, mu, self.granularity, self.block_size)
+            codes = store_codes(per_code, bits)  # packed after the loop (see codecs.pack_nibbles)
         else:
             codes, scale = quantize(residual(M, low_rank), bits, mu, self.granularity, self.block_size,
                                     group_max=row_max, scale_dtype=dtype, **rounding(0))
