@@ -192,14 +192,18 @@ def by_boundaries(bits: int, mu: float) -> bool:
 
 def code_points(scale: torch.Tensor, bits: int, mu: float) -> torch.Tensor:
     """What the nearest-code loop compares each group's values with: the level boundaries b_k = C^-1((k - 1/2) s),
-    k = 1..qmax (..., qmax) where ``by_boundaries``, else the scale (..., 1), fp32.
+    k = 1..qmax (qmax, ...) where ``by_boundaries``, else the scale (1, ...), fp32, each shaped like ``scale``.
 
     |x| >= b_k iff C(|x|) / s >= k - 1/2, where round(C(x) / s) steps from k - 1 to k (C is increasing).
-    Computed here, once per group, so that the compiled loop does not recompute them per element."""
-    s = scale.float().unsqueeze(-1)
+    Computed here, once per group, so that the compiled loop does not recompute them per element. The level
+    comes first: each b_k is contiguous like the scales, so a loop over columns reads it as a vector (with the
+    level last, the stride-qmax reads of column scales compiled to a scalar loop: 0.67 vs 0.08 ms for a
+    3072 x 48 factor on CPU)."""
+    s = scale.float().unsqueeze(0)  # (1, ...)
     if not by_boundaries(bits, mu):
         return s
-    return expand(s * torch.arange(0.5, QMAX[bits], device=s.device), mu)  # (..., qmax)
+    halves = torch.arange(0.5, QMAX[bits], device=s.device).view(-1, *[1] * scale.ndim)  # (qmax, 1, ...)
+    return expand(s * halves, mu)  # (qmax, ...)
 
 
 def nearest_code_bytes(
@@ -216,11 +220,11 @@ def nearest_code_bytes(
     x = x.float()
     if by_boundaries(bits, mu):
         a = x.abs()
-        level = sum((a >= _broadcast_scale(points[..., k], granularity, n, block_size)).float()
-                    for k in range(points.size(-1)))  # 0..qmax
+        level = sum((a >= _broadcast_scale(points[k], granularity, n, block_size)).float()
+                    for k in range(points.size(0)))  # 0..qmax
         q = torch.where(x < 0, -level, level)
     else:
-        s = _broadcast_scale(points[..., 0], granularity, n, block_size)
+        s = _broadcast_scale(points[0], granularity, n, block_size)
         q = round_codes(compand(x, mu) / s, QMAX[bits], False)
     return code_bytes(q, bits)
 

@@ -279,7 +279,7 @@ class QuantizedMomentum:
         if row_max is no_reduction and not group["stochastic_rounding"]:  # one process: residual + codes fused
             absmax = _residual_absmax_fused(M, low_rank, self.granularity, self.block_size)
             scale = group_scale(absmax, bits, mu, dtype)  # (c, 1, 1) or (c, L, nb)
-            points = code_points(scale, bits, mu)  # (c, 1, 1, 7) level boundaries or (c, 1, 1, 1) scales
+            points = code_points(scale, bits, mu)  # (7, c, 1, 1) level boundaries or (1, c, 1, 1) scales
             per_code = _residual_code_bytes_fused(M, low_rank, points, bits, mu, self.granularity, self.block_size)
             codes = store_codes(per_code, bits)  # packed after the loop (see codecs.pack_nibbles)
         else:
