@@ -105,7 +105,7 @@ def speed_section(speed: dict) -> list[str]:
     lines += ["| stage | " + " | ".join(sizes) + " |", "|---|" + "---:|" * len(sizes)]
     for stage in speed["stage_profile"][sizes[0]]:
         if stage.startswith("work above NS"):  # a ratio, not a time
-            cells = " | ".join(f"{speed['stage_profile'][s][stage]:.0%}" for s in sizes)
+            cells = " | ".join(f"{speed['stage_profile'][s][stage]:.1%}" for s in sizes)
         else:
             cells = " | ".join(f"{speed['stage_profile'][s][stage] * 1e3:.1f}" for s in sizes)
         lines.append(f"| {stage} | {cells} |")
@@ -204,7 +204,7 @@ def speed_peak_targets(speed: dict | None, peak: dict | None) -> list[str]:
         profile = speed.get("stage_profile", {}).get("768x3072", {})
         share = profile.get("work above NS / bf16 NS")
         if share is not None:
-            lines.append(f"| MuonQ work above its Newton-Schulz <= 15% (768x3072) | {share:.0%} | "
+            lines.append(f"| MuonQ work above its Newton-Schulz <= 15% (768x3072) | {share:.1%} | "
                          f"{'yes' if share <= 0.15 else 'no'} |")
     if peak:
         rows = {k: v for k, v in peak["rows"].items() if "peak" in v}
