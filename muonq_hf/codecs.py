@@ -75,17 +75,6 @@ def unpack4(packed: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack((lo, hi), dim=-1).flatten(-2)[..., :n]
 
 
-def unpack4_bytes(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """uint8 (..., ceil(n/2)) -> uint8 (..., n): one code + 8 (0..15) per byte."""
-    if not _LITTLE_ENDIAN:
-        return (unpack4(packed, n) + 8).view(torch.uint8)
-    # int16 w = lo + 16 hi -> lo + 256 hi: its two bytes are lo, hi. Three in-place vectorized passes over the
-    # int16 copy (inductor compiles this loop without vectorizing it: 2x slower; a strided stack: 5x slower).
-    w = packed.to(torch.int16)
-    lo = w & 0x0F
-    return w.bitwise_and_(0xF0).mul_(16).add_(lo).view(torch.uint8)[..., :n]
-
-
 def packed_width(n: int, bits: int) -> int:
     return (n + 1) // 2 if bits == 4 else n
 
@@ -268,19 +257,15 @@ def dequantize(
         return torch.zeros(*codes.shape[:-1], n, device=codes.device)
     if granularity == "matrix":
         return _dequantize_by_table(codes, scale, n, bits, mu)
-    # 4 bits: unpacked one code per byte first; the fused loop reads them contiguously (an unpacking stack
-    # inside it compiled to a scalar loop, ~3 ns per element on CPU)
-    return _dequantize_fused(unpack4_bytes(codes, n) if bits == 4 else codes, scale, bits, mu, granularity,
-                             block_size)
+    return _dequantize_fused(codes, scale, n, bits, mu, granularity, block_size)
 
 
 def _dequantize(
-    stored: torch.Tensor, scale: torch.Tensor, bits: int, mu: float, granularity: str, block_size: int | None
+    codes: torch.Tensor, scale: torch.Tensor, n: int, bits: int, mu: float, granularity: str, block_size: int | None
 ) -> torch.Tensor:
-    """``dequantize`` element by element (column and block scales) of one stored byte per code (codes + 8 for 4
-    bits, int8 codes' bytes for 8 bits): scale, expand the mu-law."""
-    q = stored.to(torch.int32) - (QMAX[4] + 1) if bits == 4 else stored.view(torch.int8)
-    s = _broadcast_scale(scale.float(), granularity, stored.size(-1), block_size)
+    """``dequantize`` element by element (column and block scales): unpack, scale, expand the mu-law."""
+    q = unpack4(codes, n) if bits == 4 else codes.view(torch.int8)
+    s = _broadcast_scale(scale.float(), granularity, n, block_size)
     return expand(q.float() * s, mu)
 
 

@@ -15,7 +15,6 @@ from muonq_hf.codecs import (
     quantize,
     quantize_dynamic8,
     unpack4,
-    unpack4_bytes,
 )
 
 
@@ -33,19 +32,6 @@ def test_pack4_roundtrip_and_layout(n):
     assert torch.equal(unpack4(packed[:, 2:4], n), q[:, 2:4])
     # low nibble first, an odd row padded with the zero code: -8 -> 0, 7 -> 15, 1 -> 9, pad -> 8
     assert pack4(torch.tensor([[-8.0, 7.0, 1.0]])).tolist() == [[0 + 16 * 15, 9 + 16 * 8]]
-
-
-@pytest.mark.parametrize("n", [1, 7, 64])
-def test_unpack4_bytes_gives_one_code_per_byte_in_order(n):
-    """The column/block decode reads one code + 8 per byte: every one of the 16 codes, in order, odd rows
-    without the pad, and row shards unpack alone."""
-    q = torch.randint(-8, 8, (3, 5, n), dtype=torch.int8, generator=torch.Generator().manual_seed(8))
-    q[0, 0, :1] = -8
-    packed = pack4(q)
-    unpacked = unpack4_bytes(packed, n)
-    assert unpacked.dtype == torch.uint8 and unpacked.shape == q.shape
-    assert torch.equal(unpacked.to(torch.int8) - 8, q)
-    assert torch.equal(unpack4_bytes(packed[:, 2:4], n), unpacked[:, 2:4])
 
 
 @pytest.mark.parametrize(("granularity", "block_size", "shape"), [("matrix", None, (3, 256, 384)),
