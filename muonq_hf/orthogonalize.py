@@ -55,16 +55,18 @@ def symmetric_mm(
     C: torch.Tensor | None = None,
     beta: float = 0.0,
     alpha: float = 1.0,
+    fused_mm: Callable[..., torch.Tensor] = torch.addmm,
 ) -> torch.Tensor:
     """L @ R (or beta C + alpha L @ R) where the result is known to be symmetric (s, s): L (s, k), R (k, s).
 
-    Only the upper part [0, end) x [start, end) of each block column is computed, by one (add)mm, and each block
-    below the diagonal is a copy of the transposed block above it: (1 + 1/blocks) / 2 of the multiply-adds.
-    Each computed element is the plain product's dot product (the same values on this project's CPU; tested to
-    one rounding of the dtype).
+    With ``blocks`` < 2 it is one plain product (``fused_mm``: addmm, or baddbmm for a batch (b, s, k)).
+    Otherwise (2-D) only the upper part [0, end) x [start, end) of each block column is computed, by one (add)mm,
+    and each block below the diagonal is a copy of the transposed block above it: (1 + 1/blocks) / 2 of the
+    multiply-adds. Each computed element is the plain product's dot product (the same values on this project's
+    CPU; tested to one rounding of the dtype).
     """
     if blocks < 2:
-        return L @ R if C is None else torch.addmm(C, L, R, beta=beta, alpha=alpha)
+        return L @ R if C is None else fused_mm(C, L, R, beta=beta, alpha=alpha)
     s = L.size(0)
     out = L.new_empty(s, s)
     edges = [s * j // blocks for j in range(blocks + 1)]
@@ -72,7 +74,7 @@ def symmetric_mm(
         if C is None:
             out[:end, start:end] = L[:end] @ R[:, start:end]
         else:
-            out[:end, start:end] = torch.addmm(C[:end, start:end], L[:end], R[:, start:end], beta=beta, alpha=alpha)
+            out[:end, start:end] = fused_mm(C[:end, start:end], L[:end], R[:, start:end], beta=beta, alpha=alpha)
     for start, end in zip(edges[1:-1], edges[2:], strict=True):  # rows [start, end) left of the diagonal
         out[start:end, :start] = out[:start, start:end].mT
     return out
@@ -97,12 +99,8 @@ def _iterate(
     a, b, c = NS_COEFFICIENTS
     for i in range(steps):
         f = scale if i == steps - 1 else 1.0
-        if blocks > 1:  # A and A A are symmetric
-            A = symmetric_mm(X.mT, X, blocks) if tall else symmetric_mm(X, X.mT, blocks)  # (s, s), s = min(m, n)
-            B = symmetric_mm(A, A, blocks, A, beta=b, alpha=c)  # b A + c A A
-        else:
-            A = X.mT @ X if tall else X @ X.mT  # (k, s, s)
-            B = fused_mm(A, A, A, beta=b, alpha=c)  # b A + c A A, one fused matmul
+        A = symmetric_mm(X.mT, X, blocks) if tall else symmetric_mm(X, X.mT, blocks)  # (k, s, s), s = min(m, n)
+        B = symmetric_mm(A, A, blocks, A, beta=b, alpha=c, fused_mm=fused_mm)  # b A + c A A (symmetric: A is)
         # f (a X + X B^T), or f (a X + B X)
         X = fused_mm(X, X, B.mT, beta=a * f, alpha=f) if tall else fused_mm(X, B, X, beta=a * f, alpha=f)
     return X if steps else X * scale
