@@ -53,23 +53,32 @@ def adamw_steps(weights: list[torch.Tensor], grads: list[torch.Tensor], states: 
     """``adamw_step`` of several fp32 tensors of one group with fp32 moments and the same step count at once:
     ``_update`` runs each ``torch._foreach`` op once for all of them (one kernel on a GPU; the per-tensor ops,
     in the same order: the values of one-by-one steps). For tensors that need no chunks (``CHUNK_ELEMENTS``)."""
-    steps = [_count_step(state, grad, False, 1, 1) for grad, state in zip(grads, states, strict=True)]
+    for grad, state in zip(grads, states, strict=True):
+        if not state:
+            _start(state, grad, False, 1, 1)
+    counts = [state["step"] for state in states]
+    torch._foreach_add_(counts, 1.0)  # one op for every count (torch's foreach AdamW counts the same way)
     moments = ([state[k] for state in states] for k in ADAMW_MOMENTS)
-    _update(weights, grads, *moments, group, steps[0])
+    _update(weights, grads, *moments, group, counts[0].item())
 
 
 def _count_step(state: dict, grad: torch.Tensor, quantized: bool, rows: int, cols: int) -> float:
     """Start the state (zero moments: fp32 like ``grad``, or 8-bit codes of (rows, cols)) before the first step,
     count this step and return its number (a CPU scalar: no device sync)."""
     if not state:
-        state["step"] = torch.tensor(0.0)
-        for k in ADAMW_MOMENTS:
-            if quantized:
-                state[f"{k}_codes"], state[f"{k}_absmax"] = zero_moment(k, rows, cols, grad.device)
-            else:
-                state[k] = torch.zeros_like(grad, dtype=torch.float32)
+        _start(state, grad, quantized, rows, cols)
     state["step"] += 1
     return state["step"].item()
+
+
+def _start(state: dict, grad: torch.Tensor, quantized: bool, rows: int, cols: int) -> None:
+    """The state before the first step: count 0 (a CPU scalar) and zero moments."""
+    state["step"] = torch.tensor(0.0)
+    for k in ADAMW_MOMENTS:
+        if quantized:
+            state[f"{k}_codes"], state[f"{k}_absmax"] = zero_moment(k, rows, cols, grad.device)
+        else:
+            state[k] = torch.zeros_like(grad, dtype=torch.float32)
 
 
 def zero_moment(key: str, rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

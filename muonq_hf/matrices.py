@@ -163,7 +163,10 @@ class MatrixPlan:
     def take_rows(
         self, rows: torch.Tensor, b: int, widths: list[int], fill: float, start: int = 0, count: int | None = None
     ) -> torch.Tensor:
-        """A row entry (E, count, W) -> batch b's pieces (E * c, L, w), padded with ``fill``."""
+        """A row entry (E, count, W) -> batch b's pieces (E * c, L, w), padded with ``fill``; for a whole plan's
+        rows, the entry itself (a view: callers do not write into it)."""
+        if self.whole and rows.size(1) == self.padded_rows(b, start, count):
+            return rows
         L = self.padded_rows(b, start, count)
         out = rows.new_full((rows.size(0), len(self.batches[b]), L, widths[self.batches[b][0]]), fill)
         for i, j in enumerate(self.batches[b]):

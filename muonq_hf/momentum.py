@@ -22,6 +22,7 @@ from .kernels import fused
 from .lowrank import RowSum, no_reduction, power_iteration_factors
 from .matrices import MatrixPlan
 from .orthogonalize import NS_DTYPES, muon_scale, zeropower_via_newtonschulz5
+from .banks import StateBank
 from .state import QuantizedMomentum, combine, generator
 
 
@@ -130,37 +131,59 @@ def momentum_step(
     step's Gaussian of each expert is the single-process one. ``index`` is the parameter's position in the
     optimizer (keys its generators).
     """
-    return momentum_steps(plan, [G], [state], group, [index], start, count, experts, row_sum, row_max)
+    step = int(state["step"]) + 1 if "step" in state else 1
+    first, total = experts if experts is not None else (0, G.size(0))
+    X = _momentum(plan, G, state, group, [index], (first, total), step, start, count, row_sum, row_max)
+    state["step"] = torch.tensor(float(step))
+    return X
 
 
-def momentum_steps(
-    plan: MatrixPlan,
-    Gs: list[torch.Tensor],
-    states: list[dict],
-    group: dict,
-    indices: list[int],
-    start: int = 0,
-    count: int | None = None,
-    experts: tuple[int, int] | None = None,
-    row_sum: RowSum = no_reduction,
-    row_max: RowSum = no_reduction,
-) -> torch.Tensor:
-    """``momentum_step`` of k parameters with the same plan and options at once; returns their NS inputs
-    stacked, (k E, count, n).
+def momentum_steps(bank: StateBank, Gs: list[torch.Tensor], group: dict, indices: list[int]) -> torch.Tensor:
+    """``momentum_step`` of the k whole parameters of a shape group at once, their state held by ``bank``; returns
+    their NS inputs stacked, (k E, m, n).
 
     Every operation of the step acts on each matrix alone, so the k parameters' matrices go through each
     kernel together (one launch instead of k on a GPU) and get the values of k single steps. Each keeps its
-    own state, step count and first-step Gaussian (keyed by its index). The states must all be past their
-    first step or all before it. Stochastic rounding keys its noise per parameter: one parameter at a time.
+    own state entries (views of the bank), step count and first-step Gaussian (keyed by its index). Stochastic
+    rounding keys its noise per parameter: a group of more than one is refused.
     """
     k = len(Gs)
     if k > 1 and group["stochastic_rounding"]:
         raise ValueError("momentum_steps: stochastic_rounding draws its noise per parameter; step them one by one")
-    steps = [int(state["step"]) + 1 if "step" in state else 1 for state in states]
-    E = Gs[0].size(0)  # local experts of each parameter
-    first, total = experts if experts is not None else (0, E)
+    state = bank.entries  # the state of one stacked parameter of k E matrices
+    steps = state.get("step")
+    step = int(steps[0]) + 1 if steps is not None and k == 1 else 1  # the stochastic-rounding key (k == 1 only)
+    G = Gs[0] if k == 1 else torch.cat(Gs)  # (k E, m, n)
+    fresh = set(state)
+    X = _momentum(bank.plan, G, state, group, indices, (0, Gs[0].size(0)), step, in_place=True)
+    if steps is None:
+        state["step"] = torch.ones(k)
+    else:
+        steps.add_(1)
+    if state.keys() != fresh:  # the first step made the entries: the members' entries become their views
+        bank.publish()
+    return X
+
+
+def _momentum(
+    plan: MatrixPlan,
+    G: torch.Tensor,
+    state: dict,
+    group: dict,
+    indices: list[int],
+    experts: tuple[int, int],
+    step: int,
+    start: int = 0,
+    count: int | None = None,
+    row_sum: RowSum = no_reduction,
+    row_max: RowSum = no_reduction,
+    in_place: bool = False,
+) -> torch.Tensor:
+    """The momentum step of G (K, count, n), the matrices of one parameter (or of a bank: ``indices`` holds one
+    index per member, each with K / len(indices) of the matrices), its state in ``state``."""
+    first, total = experts
+    E = G.size(0) // len(indices)  # local experts of each member
     momentum = QuantizedMomentum(plan, group)
-    G = Gs[0] if k == 1 else torch.cat(Gs)  # (k E, count, n)
     # one piece: the batch's result is X itself; else the batches' NS inputs go into X, in NS's dtype
     X = None if plan.whole else torch.empty(G.shape, dtype=ns_dtype(group), device=G.device)
     for b, pieces_b in enumerate(plan.batches):
@@ -174,37 +197,17 @@ def momentum_steps(
                 ]
                 for key in keys
             ]  # each (E_local * c, cols, r)
-            return draws[0] if k == 1 else torch.cat(draws)
+            return draws[0] if len(draws) == 1 else torch.cat(draws)
 
-        pieces = _joined([momentum.load(state, b, start, count) for state in states])
-        G_b = plan.take(G, b, start, count)  # (k E c, L, cols)
-        X_b = muonq_momentum(G_b, momentum, b, pieces, R_init, (*keys[0], steps[0]), row_sum, row_max)
-        for state, part in zip(states, _split(pieces, k), strict=True):
-            momentum.store(state, b, part, start, count)
+        pieces = momentum.load(state, b, start, count)
+        G_b = plan.take(G, b, start, count)  # (K c, L, cols)
+        X_b = muonq_momentum(G_b, momentum, b, pieces, R_init, (*keys[0], step), row_sum, row_max)
+        momentum.store(state, b, pieces, start, count, in_place=in_place)
         if X is None:
             X = X_b
         else:
             plan.put(X, b, X_b, start, count)
-    for state, step in zip(states, steps, strict=True):
-        state["step"] = torch.tensor(float(step))
     return X
-
-
-def _joined(pieces: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The pieces of k parameters' states as one batch (concatenated on the matrix dim)."""
-    if len(pieces) == 1:
-        return pieces[0]
-    if any(p.keys() != pieces[0].keys() for p in pieces):
-        raise ValueError("momentum_steps: the states are not at the same stage (a first step among later ones)")
-    return {key: torch.cat([p[key] for p in pieces]) for key in pieces[0]}
-
-
-def _split(pieces: dict[str, torch.Tensor], k: int) -> list[dict[str, torch.Tensor]]:
-    """``_joined`` undone after the step: each parameter's own copies (a view would keep the whole batch)."""
-    if k == 1:
-        return [pieces]
-    parts = {key: value.chunk(k) for key, value in pieces.items()}
-    return [{key: chunks[i].clone() for key, chunks in parts.items()} for i in range(k)]
 
 
 # ------------------------------------------------------------------------- orthogonalize, apply
@@ -227,12 +230,23 @@ def orthogonalized_update(plan: MatrixPlan, X: torch.Tensor, group: dict) -> tor
 
 
 def apply_update(weight: torch.Tensor, update: torch.Tensor, lr: float, weight_decay: float) -> None:
-    """W *= 1 - lr * wd; W -= lr * update (update already scaled per matrix). The same ops on every backend.
-    With wd = 0 (the HF Trainer's default) the multiply by 1, a pass over the weight that changes no bit, is
-    skipped. An fp32 weight adds a bf16 update as is (promoted exactly inside the add, no fp32 copy)."""
+    """W *= 1 - lr * wd; W -= lr * update (update already scaled per matrix): ``apply_updates`` of one weight."""
+    apply_updates([weight], update, lr, weight_decay)
+
+
+def apply_updates(weights: list[torch.Tensor], update: torch.Tensor, lr: float, weight_decay: float) -> None:
+    """W *= 1 - lr * wd; W -= lr * U for k weights of one dtype, from their updates stacked on dim 0 (each already
+    scaled per matrix): one foreach op per operation (one launch on a GPU), the same ops on every backend.
+
+    With wd = 0 (the HF Trainer's default) the multiply by 1, a pass over the weights that changes no bit, is
+    skipped. On CPU an fp32 weight adds a bf16 update as is (promoted exactly inside the add, no fp32 copy);
+    elsewhere the update is first cast to the weights' dtype, once for all (a foreach add of mixed dtypes falls
+    back to one launch per tensor on CUDA); bf16/fp16 weights take it in their own dtype.
+    """
     if weight_decay != 0:
-        weight.mul_(1 - lr * weight_decay)
-    update = update.reshape(weight.shape)
-    if weight.dtype != torch.float32:  # bf16/fp16 weights take the update in their own dtype
-        update = update.to(weight.dtype)
-    weight.add_(update, alpha=-lr)
+        torch._foreach_mul_(weights, 1 - lr * weight_decay)
+    dtype = weights[0].dtype
+    if dtype != torch.float32 or update.device.type != "cpu":
+        update = update.to(dtype)
+    parts = update.chunk(len(weights)) if len(weights) > 1 else (update,)
+    torch._foreach_add_(weights, [u.reshape(w.shape) for u, w in zip(parts, weights, strict=True)], alpha=-lr)

@@ -175,8 +175,8 @@ class MuonQ(torch.optim.Optimizer):
         if cached is None or cached[0] != key:
             params = (p for group in self.param_groups for p in group["params"])
             own_stage = type(self).momentum_stage is MuonQ.momentum_stage  # a replaced stage runs matrix by matrix
-            batch = self.batch_elements if own_stage else 0
-            self._chosen = (key, choose_backend(params, self.ddp_shard_state, self.momentum_stage, batch))
+            backend = choose_backend(params, self.ddp_shard_state, self.momentum_stage, self.batch_elements, own_stage)
+            self._chosen = (key, backend)
         return self._chosen[1]
 
     # ------------------------------------------------------------------------------------ checkpoints

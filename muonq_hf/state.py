@@ -200,8 +200,12 @@ class QuantizedMomentum:
                 out[base_key(key)] = self._lead(value).flatten(0, 1)  # (E, c, ...) -> (E * c, ...)
         return out
 
-    def store(self, state: dict, b: int, pieces: dict, start: int = 0, count: int | None = None) -> None:
-        """Write batch b's pieces back into the parameter's state (row entries are created on first use)."""
+    def store(
+        self, state: dict, b: int, pieces: dict, start: int = 0, count: int | None = None, in_place: bool = False
+    ) -> None:
+        """Write batch b's pieces back into the parameter's state (row entries are created on first use). Row
+        entries are written in place; batch entries too with ``in_place`` (a ``banks.StateBank``, whose members
+        hold views of them), else they are replaced."""
         plan = self.plan
         for key, value in pieces.items():
             if self.is_row(key):
@@ -213,7 +217,13 @@ class QuantizedMomentum:
                 plan.put_rows(self._lead(state[key]), b, widths, value, start, count)
             else:
                 stored = value.unflatten(0, (-1, len(plan.batches[b])))  # (E, c, ...)
-                state[batch_key(key, b)] = stored.contiguous() if plan.stacked else stored[0].contiguous()
+                stored = stored if plan.stacked else stored[0]
+                key_b = batch_key(key, b)
+                held = state.get(key_b)
+                if in_place and held is not None and held.shape == stored.shape and held.dtype == stored.dtype:
+                    held.copy_(stored)
+                else:
+                    state[key_b] = stored.contiguous()
 
     # -------------------------------------------------------------------------------------- codec
     def decode_parts(

@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "muonq_hf"
 LAYERS = [
     {"kernels"},
     {"codecs", "lowrank", "orthogonalize", "matrices", "options"},
-    {"state"},
+    {"state", "banks"},
     {"momentum", "adamw"},
     {"checkpoint", "memory"},
     {"backends", "backends.common", "backends.owner", "backends.fsdp2"},

@@ -16,6 +16,7 @@ from transformers import Trainer, TrainingArguments
 import muonq_hf  # noqa: F401  (registers --optim muonq)
 from muonq_hf import MuonQ
 from muonq_hf import momentum as momentum_module
+from muonq_hf.matrices import plan_of
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
@@ -105,7 +106,7 @@ def test_gradient_accumulation_matches_the_double_batch_with_one_ns_per_step(tmp
     real_ns = momentum_module.zeropower_via_newtonschulz5
 
     def counting_ns(X, *a, **kw):
-        calls.append(tuple(X.shape))
+        calls.extend([tuple(X.shape[-2:])] * X.shape[0])  # one entry per matrix (a shape group is one call)
         return real_ns(X, *a, **kw)
 
     monkeypatch.setattr(momentum_module, "zeropower_via_newtonschulz5", counting_ns)
@@ -116,16 +117,20 @@ def test_gradient_accumulation_matches_the_double_batch_with_one_ns_per_step(tmp
             args = _args(tmp_path / f"{bits}-{bs}", max_steps=3, per_device_train_batch_size=bs,
                          gradient_accumulation_steps=accumulation, optim_args=f"bits={bits},ns_dtype=fp32")
             trainer = train_tiny(args, dropout=0.0)
-            n_muon = sum(len(g["params"]) for g in _inner(trainer).param_groups if g["use_muon"])
+            n_muon = sum(count for g in _inner(trainer).param_groups if g["use_muon"] for p in g["params"]
+                         for count, _, _ in plan_of(p, g).matrices())  # Muon matrices (q, k, v pieces: 3 each)
             assert len(calls) == 3 * n_muon, (len(calls), n_muon)  # one NS per matrix per optimizer step
             results[bits, accumulation] = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
-    for bits, tol in ((32, 1e-5), (4, 1e-4)):
+    for bits, tol in ((32, 1e-5), (4, 2e-3)):
         diff = (results[bits, 1] - results[bits, 2]).abs().max().item()
         # fp32 summation order of the two half-batch gradients is the only difference; 4-bit codes sit on a
-        # grid, so one rounding boundary crossed moves an element by one code step (x lr), still tiny here.
+        # grid, so one rounding boundary crossed moves an element by one code step (x lr): whether one is crossed
+        # depends on the CPU's summation order (< 1e-4 on an AVX-512 machine, 7.4e-4 on an AVX2 one), below
+        # the 4-bit vs fp32 difference asserted after the loop.
         print(f"accumulation vs double batch, bits={bits}: max |diff| = {diff:.2e}")
         assert diff < tol, (bits, diff)
-    assert (results[4, 1] - results[32, 1]).abs().max() > 1e-4  # the two codecs really differ (test can fail)
+    codecs = (results[4, 1] - results[32, 1]).abs().max().item()
+    assert codecs > 2e-3, codecs  # the two codecs differ by more than the 4-bit tolerance (the test can fail)
 
 
 def test_bf16_clipping_schedule_and_separate_adamw_lr(tmp_path, monkeypatch):

@@ -46,12 +46,14 @@ class Backend(Protocol):
 
 
 def choose_backend(
-    params: Iterator[torch.Tensor], ddp_shard_state: bool, momentum: MomentumStage, batch: int | None = 0
+    params: Iterator[torch.Tensor], ddp_shard_state: bool, momentum: MomentumStage, batch: int | None = None,
+    grouped: bool = True,
 ) -> Backend:
     """The backend these parameters need: FSDP2 if any is a DTensor, DDP state sharding if requested in a
     multi-rank world, else one process (refusing FSDP1 flat parameters and tensor-parallel layouts).
-    ``batch``: gradient elements of a batch of same-plan matrices stepped together (None: the device's default,
-    0: one by one); the one-process / DDP backend uses it."""
+    ``batch``: gradient elements of a shape group of same-plan matrices stepped together (None: the device's
+    default, 0: one by one); ``grouped``: False where the momentum stage is not the package's own (it then runs
+    parameter by parameter); the one-process / DDP backend uses both."""
     params = list(params)
     for p in params:
         check_parameter(p)
@@ -63,8 +65,8 @@ def choose_backend(
             )
         return FSDP2Backend(momentum)
     if ddp_shard_state and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return OwnerBackend.ddp(momentum, batch=batch)
-    return OwnerBackend(momentum, batch=batch)
+        return OwnerBackend.ddp(momentum, batch=batch, grouped=grouped)
+    return OwnerBackend(momentum, batch=batch, grouped=grouped)
 
 
 __all__ = [

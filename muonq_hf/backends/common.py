@@ -17,7 +17,8 @@ import torch.distributed as dist
 from ..adamw import CHUNK_ELEMENTS, adamw_step
 from ..lowrank import RowSum
 from ..matrices import MatrixPlan, plan_of
-from ..momentum import apply_update, momentum_steps, orthogonalized_update
+from ..banks import BankCache
+from ..momentum import apply_update, apply_updates, momentum_steps, orthogonalized_update
 from ..state import adamw_quantized
 
 
@@ -61,36 +62,37 @@ def whole_muon_step(momentum: MomentumStage, task: Task, state: dict) -> None:
     apply_update(p, update, group["lr"], group["weight_decay"])
 
 
-# Default gradient elements of one batch of same-plan Muon parameters stepped together (``whole_muon_steps``), by
-# device type (``MuonQ(batch_elements=...)`` overrides it). A GPU step of small matrices is launch-bound (session
-# 4's H200 profile: ~9600 kernel launches per GPT-2 small step, one matrix at a time): a batch runs each kernel
-# once for all its matrices. Its transients grow with it (~6 fp32 copies of its gradients: <= ~200 MB here),
-# hence the bound. On CPU a batch only adds copies: off.
-BATCH_ELEMENTS: dict[str, int] = {"cuda": 1 << 23}
+# Default gradient elements of one shape group (same-plan Muon parameters stepped together, ``whole_muon_steps``),
+# by device type (``MuonQ(batch_elements=...)`` overrides it). A GPU step of small matrices is launch-bound (the
+# H200 profile in benchmarks/RESULTS.md: ~9600 kernel launches per GPT-2 small step, one matrix at a time): a group
+# runs each kernel once for all its matrices. Its transients grow with it (~6 fp32 copies of its gradients), hence
+# the bound. On CPU the same holds for small matrices (per-op overhead); the bound there keeps a group's
+# transients within those of one 768 x 3072 matrix.
+BATCH_ELEMENTS: dict[str, int] = {"cuda": 1 << 23, "cpu": 1 << 21}
 
 
 def _budget(p: torch.Tensor, budget: int | None) -> int:
-    """Gradient elements of one batch on ``p``'s device: ``budget``, or the device type's ``BATCH_ELEMENTS``."""
-    return BATCH_ELEMENTS.get(p.device.type, 0) if budget is None else budget
+    """Gradient elements of one group on ``p``'s device: ``budget``, or the device type's ``BATCH_ELEMENTS``."""
+    return BATCH_ELEMENTS.get(p.device.type, 1 << 21) if budget is None else budget
 
 
-def muon_batches(
+def muon_groups(
     tasks: list[Task], states: MutableMapping[torch.Tensor, dict], budget: int | None = None
 ) -> list[list[Task]]:
-    """Muon parameters of ``tasks`` (with gradients) that can step together: same group, plan, dtype and device,
-    all before or all past their first step, at most ``budget`` gradient elements per batch (None: the device
-    type's ``BATCH_ELEMENTS``); deterministic rounding only (stochastic noise is keyed per parameter). Batches
-    of one are left out: those parameters take ``whole_step``."""
+    """The shape groups of the Muon parameters of ``tasks`` that have gradients: parameters of one param group,
+    plan, dtype and device, all before or all past their first step, at most ``budget`` gradient elements per
+    group (None: the device type's ``BATCH_ELEMENTS``; 0: one parameter per group). A parameter larger than
+    half the budget, or with stochastic rounding (its noise is keyed per parameter), is a group of one."""
     by_key: dict[tuple, list[Task]] = {}
     for t in tasks:
         p, group = t.param, t.group
-        if not group["use_muon"] or p.grad is None or p.ndim < 2 or group["stochastic_rounding"]:
+        if not group["use_muon"] or p.grad is None or p.ndim < 2:  # (1-D: whole_muon_step says what swapped it)
             continue
-        if 2 * p.numel() > _budget(p, budget):  # not two of them in a batch
-            continue
+        alone = group["stochastic_rounding"] or 2 * p.numel() > _budget(p, budget)
         started = "step" in states.get(p, {})
-        by_key.setdefault((id(group), plan_of(p, group), p.dtype, p.device, started), []).append(t)
-    return [batch for same in by_key.values() for batch in _packed(same, _budget(same[0].param, budget))]
+        key = (id(group), plan_of(p, group), p.dtype, p.device, started)
+        by_key.setdefault((*key, t.index) if alone else key, []).append(t)
+    return [batch for same in by_key.values() for batch in _packed(same, max(1, _budget(same[0].param, budget)))]
 
 
 def adamw_batches(
@@ -112,30 +114,30 @@ def adamw_batches(
             continue
         step = float(states[p]["step"]) if "step" in states.get(p, {}) else 0.0
         by_key.setdefault((id(group), p.device, step, limit), []).append(t)
-    return [batch for (*_, limit), same in by_key.items() for batch in _packed(same, limit)]
+    return [batch for (*_, limit), same in by_key.items() for batch in _packed(same, limit) if len(batch) > 1]
 
 
 def _packed(tasks: list[Task], limit: int) -> list[list[Task]]:
-    """``tasks`` in order, cut into batches of at most ``limit`` elements; batches of one are dropped."""
+    """``tasks`` in order, cut into batches of at most ``limit`` elements (a larger tensor is a batch alone)."""
     batches: list[list[Task]] = [[]]
     for t in tasks:
         if batches[-1] and sum(u.param.numel() for u in batches[-1]) + t.param.numel() > limit:
             batches.append([])
         batches[-1].append(t)
-    return [b for b in batches if len(b) > 1]
+    return [b for b in batches if b]
 
 
-def whole_muon_steps(tasks: list[Task], states: list[dict]) -> None:
-    """The three stages on k whole parameters of one ``muon_batches`` batch: one momentum stage
-    (``momentum_steps``) and one Newton-Schulz call for all their matrices, then each one's apply; the values
-    of k ``whole_muon_step`` calls."""
+def whole_muon_steps(tasks: list[Task], states: list[dict], banks: BankCache) -> None:
+    """The three stages on the k whole parameters of one shape group (``muon_groups``; k = 1 is a group too):
+    one momentum stage (``momentum_steps``, the state in a bank) and one Newton-Schulz call for all their
+    matrices, then one apply; the values of k ``whole_muon_step`` calls."""
     group = tasks[0].group
     plan = plan_of(tasks[0].param, group)
+    bank = banks.bank(plan, states)
     Gs = [plan.view(t.param.grad.float()) for t in tasks]  # each (E, m, n)
-    X = momentum_steps(plan, Gs, states, group, [t.index for t in tasks])  # (k E, m, n)
-    updates = orthogonalized_update(plan, X, group).chunk(len(tasks))
-    for t, update in zip(tasks, updates, strict=True):
-        apply_update(t.param, update, group["lr"], group["weight_decay"])
+    X = momentum_steps(bank, Gs, group, [t.index for t in tasks])  # (k E, m, n)
+    updates = orthogonalized_update(bank.plan, X, group)  # (k E, m, n)
+    apply_updates([t.param.data for t in tasks], updates, group["lr"], group["weight_decay"])
 
 
 def whole_step(momentum: MomentumStage, task: Task, state: dict) -> None:
@@ -182,9 +184,11 @@ def all_finite(grads: Iterable[torch.Tensor], group: Any = None, agree: bool = F
     """Whether every gradient (local shards of DTensors) is finite; with ``agree`` the ranks of ``group`` take
     the same decision (an all-reduce), so a non-finite value on one rank raises or skips on all of them."""
     local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-    # min and max propagate inf and nan: one fast reduction per gradient (isfinite would write a mask first)
-    extremes = [torch.stack(torch.aminmax(g)) for g in local if g.numel()]
-    ok = torch.isfinite(torch.cat(extremes)).all() if extremes else torch.tensor(True)
+    # the max norm propagates inf and nan: one foreach reduction for every gradient (one launch per dtype on a GPU;
+    # isfinite would write a mask of each first), then one test of the k maxima
+    local = [g for g in local if g.numel()]
+    maxima = torch._foreach_norm(local, float("inf"), dtype=torch.float32) if local else []
+    ok = torch.isfinite(torch.stack(maxima)).all() if maxima else torch.tensor(True)
     if agree and dist.is_available() and dist.is_initialized():
         ok = ok.to(torch.int32).reshape(1)
         dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)

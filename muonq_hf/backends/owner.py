@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..adamw import adamw_step, adamw_steps
+from ..banks import BankCache
 from ..state import adamw_quantized
 from .common import (
     MomentumStage,
@@ -28,7 +29,7 @@ from .common import (
     all_finite,
     assign_owners,
     global_rank,
-    muon_batches,
+    muon_groups,
     row_ranges,
     state_cost,
     whole_muon_steps,
@@ -42,15 +43,20 @@ class OwnerBackend:
     """Whole-matrix owners over ``world`` ranks of ``group`` (world 1: one process, nothing is sent)."""
 
     def __init__(
-        self, momentum: MomentumStage, group: Any = None, world: int = 1, rank: int = 0, batch: int | None = 0
+        self, momentum: MomentumStage, group: Any = None, world: int = 1, rank: int = 0, batch: int | None = None,
+        grouped: bool = True,
     ) -> None:
         self.momentum, self.group, self.world, self.rank = momentum, group, world, rank
         self.sharded = world > 1  # the state is split across ranks
-        self.batch = batch  # elements of a batch of same-plan matrices (common.muon_batches); None: by device; 0: off
+        self.batch = batch  # gradient elements of a shape group (common.muon_groups); None: by device; 0: one each
+        self.grouped = grouped  # False: a replaced momentum stage (a baseline), run parameter by parameter
+        self.banks = BankCache()  # the shape groups' stacked states (muonq_hf.banks)
 
     @classmethod
-    def ddp(cls, momentum: MomentumStage, group: Any = None, batch: int | None = 0) -> OwnerBackend:
-        return cls(momentum, group, dist.get_world_size(group), dist.get_rank(group), batch)
+    def ddp(
+        cls, momentum: MomentumStage, group: Any = None, batch: int | None = None, grouped: bool = True
+    ) -> OwnerBackend:
+        return cls(momentum, group, dist.get_world_size(group), dist.get_rank(group), batch, grouped)
 
     def owners(self, tasks: list[Task]) -> list[int | None]:
         """Owner rank of each task (None: an AdamW tensor split by rows), identical on every rank."""
@@ -68,11 +74,13 @@ class OwnerBackend:
         works = []
         owners = self.owners(tasks)
         stepped: set[int] = set()
-        if self.batch != 0:  # batches first (by default none on CPU): this rank's same-plan matrices, and in one
-            mine = [t for t, owner in zip(tasks, owners, strict=True) if owner == self.rank]  # process the small
-            for batch in muon_batches(mine, states, self.batch):  # AdamW tensors (biases, norms) through foreach
-                whole_muon_steps(batch, [states[t.param] for t in batch])
-                stepped.update(id(t.param) for t in batch)
+        if self.grouped:  # this rank's Muon matrices by shape groups (a lone matrix is a group of one)
+            mine = [t for t, owner in zip(tasks, owners, strict=True) if owner == self.rank]
+            for same in muon_groups(mine, states, self.batch):
+                whole_muon_steps(same, [states[t.param] for t in same], self.banks)
+                stepped.update(id(t.param) for t in same)
+            self.banks.sweep()
+        if self.batch != 0:  # in one process the small AdamW tensors (biases, norms) go through foreach ops
             for batch in adamw_batches(tasks if not self.sharded else [], states, self.batch):
                 params = [t.param for t in batch]
                 adamw_steps([p.data for p in params], [p.grad for p in params], [states[p] for p in params],

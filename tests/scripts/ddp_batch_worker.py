@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from muonq_hf import MuonQ, param_groups
-from muonq_hf.backends.common import muon_batches
+from muonq_hf.backends.common import muon_groups
 
 STEPS = 3
 
@@ -60,7 +60,7 @@ def main() -> None:
     mine = [t for t, o in zip(opt_b._tasks(), backend.owners(opt_b._tasks()), strict=True) if o == rank]
     for t in mine:
         t.param.grad = torch.zeros_like(t.param)
-    sizes = [len(b) for b in muon_batches(mine, opt_b.state, 1 << 23)]
+    sizes = [len(b) for b in muon_groups(mine, opt_b.state, 1 << 23)]
     gathered: list = [None, None]
     dist.all_gather_object(gathered, sizes)
     if rank == 0:
