@@ -18,11 +18,11 @@ from collections.abc import Callable
 
 import torch
 
+from .banks import StateBank
 from .kernels import fused
 from .lowrank import RowSum, no_reduction, power_iteration_factors
 from .matrices import MatrixPlan
 from .orthogonalize import NS_DTYPES, muon_scale, zeropower_via_newtonschulz5
-from .banks import StateBank
 from .state import QuantizedMomentum, combine, generator
 
 

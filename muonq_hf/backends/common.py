@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 
 from ..adamw import CHUNK_ELEMENTS, adamw_step
+from ..banks import BankCache
 from ..lowrank import RowSum
 from ..matrices import MatrixPlan, plan_of
-from ..banks import BankCache
 from ..momentum import apply_update, apply_updates, momentum_steps, orthogonalized_update
 from ..state import adamw_quantized
 
