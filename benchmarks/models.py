@@ -23,6 +23,14 @@ SHAPES: dict[str, tuple[str, dict]] = {
         "gpt2",
         dict(n_embd=768, n_layer=2, n_head=12, vocab_size=8192, n_positions=1024, bos_token_id=0, eos_token_id=0),
     ),
+    # Launch-bound shapes: many small matrices, where per-op overhead dominates a step as launches do on a GPU
+    # (benchmarks/launches.py counts kernels on them; the CPU speed run times the deep, narrow one).
+    "gpt2-24x64": ("gpt2", dict(
+        n_embd=64, n_layer=24, n_head=4, vocab_size=1024, n_positions=128, bos_token_id=0, eos_token_id=0,
+    )),
+    "gpt2-12x256": ("gpt2", dict(
+        n_embd=256, n_layer=12, n_head=4, vocab_size=1024, n_positions=128, bos_token_id=0, eos_token_id=0,
+    )),
     # Small models: memory verification, quick CLI mode, quality study.
     "gpt2-tiny": ("gpt2", dict(
         n_embd=128, n_layer=2, n_head=4, vocab_size=4096, n_positions=128, bos_token_id=0, eos_token_id=0,

@@ -77,12 +77,35 @@ def _recompile_limit_setting() -> tuple[Any, str]:
     return config, "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
 
 
+# Calls of fused functions so far, and how many are running: a launch counter (benchmarks/launches.py) counts a
+# fused call as one kernel and skips the ops inside it, also when they run eagerly.
+_calls = {"total": 0, "depth": 0}
+
+
+def fused_calls() -> int:
+    """Fused-function calls made in this process so far."""
+    return _calls["total"]
+
+
+def inside_fused() -> bool:
+    """Whether a fused function is running (its eager ops are one compiled kernel where compiling is on)."""
+    return _calls["depth"] > 0
+
+
 def fused(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` compiled on first use when compiling is enabled; eager when disabled or when compiling failed."""
     slot: dict[str, Any] = {"compiled": None, "failed": False}
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
+        _calls["total"] += 1
+        _calls["depth"] += 1
+        try:
+            return _run(*args, **kwargs)
+        finally:
+            _calls["depth"] -= 1
+
+    def _run(*args: Any, **kwargs: Any) -> Any:
         if not _enabled or slot["failed"]:
             return fn(*args, **kwargs)
         if slot["compiled"] is None:

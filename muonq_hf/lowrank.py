@@ -7,6 +7,8 @@ from contextlib import contextmanager
 
 import torch
 
+from .precision import bf16_matmul
+
 # Reduces a tensor summed over the rows of a row-sharded matrix; identity in a single process.
 RowSum = Callable[[torch.Tensor], torch.Tensor]
 
@@ -46,7 +48,7 @@ def orthonormalize_columns(P: torch.Tensor, row_sum: RowSum = no_reduction) -> t
 def product(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A @ B with the inputs in ``dtype`` (fp32 accumulation), in ``dtype``: adding it to an fp32 tensor promotes
     it on the fly, without a separate fp32 copy of the (m, n) product."""
-    return A.to(dtype) @ B.to(dtype)
+    return bf16_matmul(A.to(dtype), B.to(dtype))
 
 
 @contextmanager

@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import torch
 
+from .precision import bf16_matmul
+
 # Keller Jordan's quintic coefficients: chosen to maximise the slope at zero, not to converge exactly;
 # singular values land in roughly [0.7, 1.2], which is all Muon needs.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -29,14 +31,14 @@ def zeropower_via_newtonschulz5(
     X = G.to(dtype).reshape(-1, *G.shape[-2:])  # (k, m, n)
     tall = G.size(-2) > G.size(-1)  # iterate on the short side: the Gram matrix is (min, min)
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
-    if X.device.type == "cpu" and X.size(0) > 0:  # one matrix at a time: 2-D addmm (bf16: 6-15% faster than
-        blocks = symmetric_blocks(min(G.shape[-2:]))  # baddbmm), with the symmetric products by blocks
-        Xs = [_iterate(x, steps, torch.addmm, tall, scale, blocks) for x in X]
-        X = Xs[0].unsqueeze(0) if len(Xs) == 1 else torch.stack(Xs)
-    elif X.size(0) == 1:  # one matrix on a GPU: 2-D addmm
+    blocks = symmetric_blocks(min(G.shape[-2:])) if X.device.type == "cpu" else 1
+    if blocks > 1 and X.size(0) > 0:  # CPU, >= 384 wide: one matrix at a time, 2-D addmm (bf16: 6-15% faster than
+        Xs = [_iterate(x, steps, torch.addmm, tall, scale, blocks) for x in X]  # baddbmm), symmetric products by
+        X = Xs[0].unsqueeze(0) if len(Xs) == 1 else torch.stack(Xs)  # blocks
+    elif X.size(0) == 1 and X.device.type != "cpu":  # one matrix on a GPU: 2-D addmm
         X = _iterate(X[0], steps, torch.addmm, tall, scale).unsqueeze(0)
-    else:  # a batch on a GPU (or no matrix, e.g. an empty expert shard): one launch per product
-        X = _iterate(X, steps, torch.baddbmm, tall, scale)
+    else:  # a batch (a shape group; on CPU, small matrices: the same values as one by one), or an empty expert
+        X = _iterate(X, steps, torch.baddbmm, tall, scale)  # shard: one call per product
     return X.reshape(G.shape)
 
 
@@ -66,15 +68,13 @@ def symmetric_mm(
     CPU; tested to one rounding of the dtype).
     """
     if blocks < 2:
-        return L @ R if C is None else fused_mm(C, L, R, beta=beta, alpha=alpha)
+        return bf16_matmul(L, R, C, beta, alpha, fused_mm)
     s = L.size(0)
     out = L.new_empty(s, s)
     edges = [s * j // blocks for j in range(blocks + 1)]
     for start, end in zip(edges[:-1], edges[1:], strict=True):  # block column [start, end), rows [0, end)
-        if C is None:
-            out[:end, start:end] = L[:end] @ R[:, start:end]
-        else:
-            out[:end, start:end] = fused_mm(C[:end, start:end], L[:end], R[:, start:end], beta=beta, alpha=alpha)
+        C_block = None if C is None else C[:end, start:end]
+        out[:end, start:end] = bf16_matmul(L[:end], R[:, start:end], C_block, beta, alpha, fused_mm)
     for start, end in zip(edges[1:-1], edges[2:], strict=True):  # rows [start, end) left of the diagonal
         out[start:end, :start] = out[:start, start:end].mT
     return out
@@ -102,7 +102,7 @@ def _iterate(
         A = symmetric_mm(X.mT, X, blocks) if tall else symmetric_mm(X, X.mT, blocks)  # (k, s, s), s = min(m, n)
         B = symmetric_mm(A, A, blocks, A, beta=b, alpha=c, fused_mm=fused_mm)  # b A + c A A (symmetric: A is)
         # f (a X + X B^T), or f (a X + B X)
-        X = fused_mm(X, X, B.mT, beta=a * f, alpha=f) if tall else fused_mm(X, B, X, beta=a * f, alpha=f)
+        X = bf16_matmul(X, B.mT, X, a * f, f, fused_mm) if tall else bf16_matmul(B, X, X, a * f, f, fused_mm)
     return X if steps else X * scale
 
 

@@ -7,7 +7,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "muonq_hf"
 
 # docs/design.md, "Layers": a module may import modules of its own layer or of the layers before it
 LAYERS = [
-    {"kernels"},
+    {"kernels", "precision"},
     {"codecs", "lowrank", "orthogonalize", "matrices", "options"},
     {"state", "banks"},
     {"momentum", "adamw"},

@@ -120,10 +120,13 @@ def adamw_batches(
 def _packed(tasks: list[Task], limit: int) -> list[list[Task]]:
     """``tasks`` in order, cut into batches of at most ``limit`` elements (a larger tensor is a batch alone)."""
     batches: list[list[Task]] = [[]]
+    filled = 0  # elements of the last batch
     for t in tasks:
-        if batches[-1] and sum(u.param.numel() for u in batches[-1]) + t.param.numel() > limit:
+        if batches[-1] and filled + t.param.numel() > limit:
             batches.append([])
+            filled = 0
         batches[-1].append(t)
+        filled += t.param.numel()
     return [b for b in batches if b]
 
 
