@@ -29,20 +29,36 @@ def orthonormalize_columns(P: torch.Tensor, row_sum: RowSum = no_reduction) -> t
     Cholesky-QR: G = P^T P = L L^T, Q = P L^-T. It needs only the (all-reduced) Gram matrix, so a
     row-sharded P is orthonormalized without gathering it. If G is ill-conditioned (Cholesky fails or
     cond(G) > 1e8, i.e. cond(P) > 1e4 where fp32 Cholesky-QR loses orthogonality) the eigendecomposition
-    G = V diag(l) V^T gives Q = P V diag(l)^-1/2, with directions of l ~ 0 dropped (zero columns).
+    G = V diag(l) V^T gives Q = P V diag(l)^-1/2, with directions of l ~ 0 dropped (zero columns). Off the CPU,
+    where asking whether G is well-conditioned would stop the host until the device answers, each matrix takes
+    its plain Cholesky factor where it is well-conditioned and a shifted one (``_shifted_cholesky``) where not,
+    selected on the device.
     """
     gram = row_sum(P.mT @ P)  # (..., r, r)
     L, info = torch.linalg.cholesky_ex(gram)
     diag = L.diagonal(dim1=-2, dim2=-1)
-    well_conditioned = bool((info == 0).all()) and bool(
-        (diag.amin(dim=-1) ** 2 > 1e-8 * diag.amax(dim=-1) ** 2).all()
-    )
-    if well_conditioned:
+    fine = (info == 0) & (diag.amin(dim=-1) ** 2 > 1e-8 * diag.amax(dim=-1) ** 2)  # (...,) per matrix
+    if P.device.type != "cpu":  # no host decision on an accelerator (a sync)
+        return orthonormalize_selected(P, gram, L, fine)
+    if bool(fine.all()):
         return torch.linalg.solve_triangular(L.mT, P, upper=True, left=False)  # P L^-T, solved on P's own layout
     evals, evecs = torch.linalg.eigh(gram)
     keep = evals > 1e-10 * evals.amax(dim=-1, keepdim=True).clamp(min=1e-30)
     inv_sqrt = torch.where(keep, evals.clamp(min=1e-30).rsqrt(), torch.zeros_like(evals))
     return P @ (evecs * inv_sqrt.unsqueeze(-2))
+
+
+def orthonormalize_selected(P: torch.Tensor, gram: torch.Tensor, L: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
+    """``orthonormalize_columns`` without a host decision: P L^-T with, per matrix, the Cholesky factor L of its
+    Gram matrix where ``fine`` (well-conditioned), else the factor of gram + d I, d = 1e-8 max diag(gram) (+1e-30,
+    so that gram = 0 factors too), which exists for every PSD gram. With the shifted factor P L^-T has singular
+    values sqrt(l / (l + d)) for the eigenvalues l of gram: ~1 in the directions P spans well, ~0 in those it does
+    not, as the eigendecomposition drops them on CPU."""
+    shift = 1e-8 * gram.diagonal(dim1=-2, dim2=-1).amax(dim=-1) + 1e-30  # (...,)
+    eye = torch.eye(gram.size(-1), dtype=gram.dtype, device=gram.device)
+    shifted = torch.linalg.cholesky_ex(gram + shift[..., None, None] * eye)[0]
+    factor = torch.where(fine[..., None, None], L, shifted)  # (..., r, r)
+    return torch.linalg.solve_triangular(factor.mT, P, upper=True, left=False)
 
 
 def product(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

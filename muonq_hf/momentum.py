@@ -20,10 +20,11 @@ import torch
 
 from .banks import StateBank
 from .kernels import fused
+from .keyed import device_keys, generator, keyed_normal
 from .lowrank import RowSum, no_reduction, power_iteration_factors
 from .matrices import MatrixPlan
 from .orthogonalize import NS_DTYPES, muon_scale, zeropower_via_newtonschulz5
-from .state import QuantizedMomentum, combine, generator
+from .state import QuantizedMomentum, combine
 
 
 def frobenius(x: torch.Tensor, row_sum: RowSum) -> torch.Tensor:
@@ -94,9 +95,12 @@ def muonq_momentum(
         res_prev = torch.zeros_like(G)
         R_prev = R_init(cols, r).to(G.device) if r else None
     elif R_prev is not None:
-        dead = R_prev.square().sum(dim=-2, keepdim=True) == 0  # (c, 1, r): factor columns that collapsed to 0
-        if bool(dead.any()):  # (a rank-deficient momentum, e.g. a zero first gradient): re-seed them from the
-            R_prev = torch.where(dead, R_init(cols, r).to(G.device), R_prev)  # keyed Gaussian, so the split recovers
+        # factor columns that collapsed to 0 (a rank-deficient momentum, e.g. a zero first gradient) are re-seeded
+        # from the keyed Gaussian, so the split recovers. On CPU only when there are any; on an accelerator that
+        # question would be a sync, so the device draw is made every step and selected where a column is dead.
+        dead = R_prev.square().sum(dim=-2, keepdim=True) == 0  # (c, 1, r)
+        if G.device.type != "cpu" or bool(dead.any()):
+            R_prev = torch.where(dead, R_init(cols, r).to(G.device), R_prev)
 
     update = _normalized_update_fused if row_sum is no_reduction else _normalized_update
     X, M_bar, M_low, norm = update(  # (c, L, cols) x 3, (c, 1, 1)
@@ -191,6 +195,12 @@ def _momentum(
         c = len(pieces_b)
 
         def R_init(cols: int, r: int, keys: list[tuple[int, ...]] = keys, c: int = c) -> torch.Tensor:
+            """The keyed Gaussian (K c, cols, r) of these matrices: each member's (E_local c, cols, r) part of its
+            own (total c, cols, r) draw. On CPU from the keyed generator; elsewhere drawn on the device
+            (``keyed.keyed_normal``: no host-to-device copy)."""
+            if G.device.type != "cpu":
+                draws = keyed_normal((total * c, cols, r), device_keys(group["seed"], tuple(keys), G.device))
+                return draws[:, first * c : (first + E) * c].flatten(0, 1)  # (members, total c, ...) -> (K c, ...)
             draws = [
                 torch.randn((total * c, cols, r), generator=generator(group["seed"], *key), dtype=torch.float32)[
                     first * c : (first + E) * c

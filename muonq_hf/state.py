@@ -30,6 +30,7 @@ from .codecs import (
     store_codes,
 )
 from .kernels import fused
+from .keyed import generator
 from .lowrank import RowSum, no_reduction, product, rank_for, residual
 from .matrices import MatrixPlan, base_key, batch_key, plan_of
 
@@ -39,14 +40,6 @@ ADAMW_8BIT_BLOCK = 256
 ADAMW_MOMENTS = ("exp_avg", "exp_avg_sq")
 F32, U8 = torch.float32, torch.uint8
 Schema = dict[str, tuple[tuple[int, ...], torch.dtype]]
-
-
-
-def generator(seed: int, *key: int) -> torch.Generator:
-    """A CPU generator keyed by (seed, *key): identical on every rank and after a resume."""
-    g = torch.Generator(device="cpu")
-    g.manual_seed(hash((seed, *key)) & 0x7FFF_FFFF_FFFF_FFFF)
-    return g
 
 
 def scale_dtype(group: dict) -> torch.dtype:
