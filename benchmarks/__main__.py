@@ -2,7 +2,10 @@
 
 memory   analytic optimizer-state bytes on GPT-2 small/medium and LLaMA-1B shapes (meta device), checked
          against real state tensors on a small model            -> results/memory.json
-speed    optimizer step time, all rows interleaved in one process -> results/speed.json (+ stage profile)
+speed    optimizer step time, all rows interleaved in one process -> results/speed.json (+ stage profile);
+         with ``--shape S`` other than the default            -> results/speed_S.json
+launches kernel-launching ops per optimizer step (CPU dispatcher, the GPU's launch count) on launch-bound
+         GPT-2 shapes                                          -> results/launches.json
 gpu      the GPU check (benchmarks/gpu.py): CUDA checks, then step time and peak memory against the peers,
          bounded by --budget seconds                             -> DIR/gpu.json, DIR/gpu.md
 peak     peak memory of real training steps (GPT-2 small, fp32, batch 1 x 128), one process per optimizer
@@ -10,7 +13,7 @@ peak     peak memory of real training steps (GPT-2 small, fp32, batch 1 x 128), 
 quality  summary of the cached quality study; ``--run`` trains the missing runs (long, resumable)
                                                                 -> results/quality_runs.json, quality.json
 report   RESULTS.md and PNG charts from the JSON files
-all      memory + speed + peak + quality summary (no training) + report (10-15 minutes on 2 shared CPU cores)
+all      memory + launches + speed + peak + quality summary (no training) + report
 ``--quick`` uses tiny models and few repeats (seconds; used by the tests), best with ``--out`` elsewhere.
 """
 
@@ -34,6 +37,7 @@ from .variants import MAIN_ROWS, SPEED_ROWS, VARIANTS, get_variant
 QUICK_SPEED_ROWS = MAIN_ROWS + [VARIANTS[n] for n in ("torch_muon", "keller_muon", "bnb_adamw8bit_hf")]
 
 DEFAULT_OUT = Path(__file__).resolve().parent
+SPEED_SHAPE = "gpt2-small-2l"  # GPT-2-small layer shapes: the compute-bound speed model
 
 
 def _write(out: Path, name: str, data: dict) -> None:
@@ -97,7 +101,22 @@ def cmd_speed(args: argparse.Namespace) -> None:
     result["gpu"] = None
     if torch.cuda.is_available() and not args.quick:
         result["gpu"] = step_times(shape, warmup=warmup, rounds=rounds, device="cuda")
-    _write(args.out, "speed.json", {"machine": machine(), **result})
+    name = "speed.json" if args.shape == SPEED_SHAPE or args.quick else f"speed_{args.shape}.json"
+    _write(args.out, name, {"machine": machine(), **result})
+
+
+def cmd_launches(args: argparse.Namespace) -> None:
+    from .launches import LAUNCH_ROWS, launches_per_step
+
+    shapes = ["gpt2-tiny"] if args.quick else ["gpt2-12x256", "gpt2-24x64"]
+    rows = [v for v in LAUNCH_ROWS if installed(v.kind)]
+    result = {}
+    for shape in shapes:
+        result[shape] = launches_per_step(shape, rows)
+        for name, row in result[shape]["rows"].items():
+            print(f"  {shape:12s} {row['label']:36s} {row['launches']:7,d} launches per step")
+    _write(args.out, "launches.json", {"machine": machine(), "shapes": result,
+                                       "rows_not_installed": [v.name for v in LAUNCH_ROWS if v not in rows]})
 
 
 def cmd_peak(args: argparse.Namespace) -> None:
@@ -142,10 +161,10 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=("memory", "speed", "peak", "gpu", "quality", "report", "all"))
+    parser.add_argument("command", choices=("memory", "launches", "speed", "peak", "gpu", "quality", "report", "all"))
     parser.add_argument("--quick", action="store_true", help="tiny models, few repeats (seconds)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for results/, RESULTS.md, PNGs")
-    parser.add_argument("--shape", default="gpt2-small-2l", help="speed model (see benchmarks/models.py)")
+    parser.add_argument("--shape", default=SPEED_SHAPE, help="speed model (see benchmarks/models.py)")
     parser.add_argument("--rounds", type=int, default=9, help="timed steps per row (speed)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared CPU)")
     parser.add_argument("--device", default=None, help="gpu: cuda (default when available) or cpu (plumbing)")
@@ -159,9 +178,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick and args.command == "quality" and args.run:
         parser.error("--quick does not train; run `python -m benchmarks quality --run` for the study")
     torch.set_num_threads(args.threads)
-    commands = {"memory": [cmd_memory], "speed": [cmd_speed], "peak": [cmd_peak], "gpu": [cmd_gpu],
-                "quality": [cmd_quality], "report": [cmd_report],
-                "all": [cmd_memory, cmd_speed, cmd_peak, cmd_quality, cmd_report]}
+    commands = {"memory": [cmd_memory], "launches": [cmd_launches], "speed": [cmd_speed], "peak": [cmd_peak],
+                "gpu": [cmd_gpu], "quality": [cmd_quality], "report": [cmd_report],
+                "all": [cmd_memory, cmd_launches, cmd_speed, cmd_peak, cmd_quality, cmd_report]}
     for fn in commands[args.command]:
         fn(args)
 

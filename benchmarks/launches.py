@@ -18,7 +18,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from muonq_hf import kernels, precision
 
 from .models import build_model
-from .variants import Variant, make_optimizer
+from .variants import VARIANTS, Variant, make_optimizer
+
+# torch.optim.Muon + AdamW (what a Muon user runs today), MuonQ with this device's and with CUDA's group size, and
+# MuonQ one matrix at a time (as it ran before shape groups)
+LAUNCH_ROWS = [
+    VARIANTS["torch_muon"],
+    VARIANTS["keller_muon"],
+    VARIANTS["muonq"],
+    Variant("muonq_cuda_groups", "MuonQ, CUDA's group size (2^23)", "muonq", {}, {"batch_elements": 1 << 23}),
+    VARIANTS["muonq_adam8"],
+    VARIANTS["muonq_unbatched"],
+]
 
 # ops that run no kernel: views, allocation without initialization, metadata and host reads
 FREE = ("view", "as_strided", "slice", "unsqueeze", "transpose", "t", "expand", "select", "_unsafe_view", "alias",

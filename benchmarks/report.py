@@ -13,6 +13,8 @@ COMMANDS = """```bash
 make bench                                   # = .venv/bin/python -m benchmarks all: memory, speed, peak,
                                              #   quality summary of the cached runs, report (15-20 min, 2 cores)
 .venv/bin/python -m benchmarks memory        # results/memory.json (seconds)
+.venv/bin/python -m benchmarks launches      # results/launches.json: kernels per step, GPU proxy (a minute)
+.venv/bin/python -m benchmarks speed --shape gpt2-24x64 --rounds 5   # results/speed_gpt2-24x64.json: launch-bound
 .venv/bin/python -m benchmarks speed         # results/speed.json (CPU, 1 thread, 2 warm-up + 9 timed steps per row)
 git clone https://github.com/YupengSu/MuonQ ../MuonQ-paper   # the paper's code, for its speed row (not vendored)
 MUONQ_REFERENCE_SRC=../MuonQ-paper .venv/bin/python -m benchmarks speed   # the same, with the paper's MuonQ row
@@ -109,6 +111,47 @@ def speed_section(speed: dict) -> list[str]:
         else:
             cells = " | ".join(f"{speed['stage_profile'][s][stage] * 1e3:.1f}" for s in sizes)
         lines.append(f"| {stage} | {cells} |")
+    lines.append("")
+    return lines
+
+
+def launches_section(launches: dict) -> list[str]:
+    lines = [
+        "## Kernel launches per optimizer step", "",
+        "What a GPU step of small matrices pays for: one launch (plus its host work) per kernel. Counted on the "
+        "CPU's dispatcher for one step after two (`benchmarks/launches.py`): ops that run a kernel, views, "
+        "allocations and host reads excluded, each call of a fused function (one `torch.compile` graph) counted "
+        "once; compiling off and bf16 products native, as a GPU runs them. The count does not depend on the "
+        "device.", "",
+    ]
+    shapes = list(launches["shapes"])
+    first = launches["shapes"][shapes[0]]
+    lines += ["| optimizer | " + " | ".join(f"`{s}`" for s in shapes) + " |", "|---|" + "---:|" * len(shapes)]
+    for name, row in first["rows"].items():
+        cells = " | ".join(f"{launches['shapes'][s]['rows'][name]['launches']:,}" for s in shapes)
+        lines.append(f"| {row['label']} | {cells} |")
+    sizes = ", ".join(f"`{s}` {launches['shapes'][s]['matrices']} matrices in {launches['shapes'][s]['tensors']} "
+                      f"tensors" for s in shapes)
+    lines += ["", f"Models: {sizes} (GPT-2, vocab 1024; `benchmarks/models.py`)."]
+    if launches.get("rows_not_installed"):
+        lines += [f"Rows left out (not installed): {', '.join(launches['rows_not_installed'])}."]
+    lines.append("")
+    return lines
+
+
+def extra_speed_section(name: str, speed: dict) -> list[str]:
+    """A speed run on another model (``python -m benchmarks speed --shape S``): its table of step times."""
+    m = speed["machine"]
+    lines = [f"### Step time on `{speed['shape']}` ({speed['params'] / 1e6:.1f}M parameters)", "",
+             f"`python -m benchmarks speed --shape {speed['shape']}` (`results/{name}`): all rows in one process, "
+             f"round-robin, median of {speed['rounds']} steps after {speed['warmup']}; {speed.get('timer')}; "
+             f"CPU: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} thread(s).", ""]
+    refs = [r for r in RATIO_REFERENCES if all(f"ratio_vs_{r}" in row for row in speed["rows"].values())]
+    lines += ["| optimizer | median ms | " + " | ".join(f"/ {r}" for r in refs) + " |",
+              "|---|---:|" + "---:|" * len(refs)]
+    for row in speed["rows"].values():
+        lines.append(f"| {row['label']} | {row['median_s'] * 1e3:,.1f} | "
+                     + " | ".join(f"{row[f'ratio_vs_{r}']:.2f}" for r in refs) + " |")
     lines.append("")
     return lines
 
@@ -357,8 +400,13 @@ def write_report(out: Path) -> Path:
     if mem:
         lines += memory_section(mem)
         plot_memory(mem, out / "memory.png")
+    launches = _load(out, "launches.json")
+    if launches:
+        lines += launches_section(launches)
     if speed:
         lines += speed_section(speed)
+    for extra in sorted((out / "results").glob("speed_*.json")):
+        lines += extra_speed_section(extra.name, json.loads(extra.read_text()))
     if peak:
         lines += peak_section(peak)
     if q and q["rows"]:
