@@ -113,7 +113,7 @@ def cmd_launches(args: argparse.Namespace) -> None:
     result = {}
     for shape in shapes:
         result[shape] = launches_per_step(shape, rows)
-        for name, row in result[shape]["rows"].items():
+        for row in result[shape]["rows"].values():
             print(f"  {shape:12s} {row['label']:36s} {row['launches']:7,d} launches per step")
     _write(args.out, "launches.json", {"machine": machine(), "shapes": result,
                                        "rows_not_installed": [v.name for v in LAUNCH_ROWS if v not in rows]})

@@ -5,10 +5,13 @@
 
 1. Checks (seconds): the 4-bit codec, bf16 Newton-Schulz, MuonQ against MuonQ on the CPU (fp32 state: the
    same updates to 2e-3; defaults: the same loss to 1%), a bit-exact resume through ``state_dict``, the 8-bit
-   AdamW codec. Each check reports what it compared and by how much it differed.
-2. Step time (``benchmarks.speed.step_times``, wall time after a CUDA sync) in bf16 on GPT-2 small and on a
+   AdamW codec, host syncs in a step (CUDA's sync debug mode: one, the non-finite decision). Each check reports
+   what it compared and by how much it differed.
+2. Kernel launches per step (``benchmarks.launches``, the dispatcher's count on the device) on GPT-2 small and
+   the launch-bound 12 x 256 GPT-2.
+3. Step time (``benchmarks.speed.step_times``, wall time after a CUDA sync) in bf16 on GPT-2 small and on a
    ~1B LLaMA shape, MuonQ against torch.optim.Muon, Keller Jordan's Muon, torchao and bitsandbytes.
-3. Peak memory (``benchmarks.peak``, ``torch.cuda.max_memory_allocated``, one process per row) of 3 bf16
+4. Peak memory (``benchmarks.peak``, ``torch.cuda.max_memory_allocated``, one process per row) of 3 bf16
    training steps of GPT-2 small.
 
 Everything is written to DIR after each part (``gpu.json``, ``gpu.md``), so a run stopped by its time limit
@@ -20,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +33,7 @@ from muonq_hf import MuonQ, param_groups
 from muonq_hf.codecs import dequantize, dequantize_dynamic8, dynamic_codebook, quantize, quantize_dynamic8
 from muonq_hf.orthogonalize import zeropower_via_newtonschulz5
 
+from .launches import LAUNCH_ROWS, launches_per_step
 from .models import build_model
 from .peak import run_rows
 from .peers import installed
@@ -150,9 +155,37 @@ def check_adamw8(dev: torch.device) -> dict:
     return {"ok": same > 0.999 and err < 1e-3, "codes_equal_fraction": same, "decoded_rel_diff": err}
 
 
+def check_host_syncs(dev: torch.device) -> dict:
+    """Host syncs in a MuonQ step after the first (GPT-2 tiny, defaults and ``adamw_bits=8``), counted by CUDA's
+    sync debug mode (a warning per synchronizing call): one is the non-finite decision; no other is allowed.
+    On CPU there is nothing to count (tests/test_device_step.py checks the same on tensors without data)."""
+    if dev.type != "cuda":
+        return {"ok": True, "skipped": "no CUDA device"}
+    out: dict = {}
+    for name, options in (("defaults", {}), ("adamw_bits_8", {"adamw_bits": 8})):
+        model = build_model("gpt2-tiny").to(dev)
+        opt = MuonQ(param_groups(model), lr=0.01, **options)
+        _train(model, opt, range(2))
+        ids = _batch(2, model.config.vocab_size, dev)
+        model(input_ids=ids, labels=ids).loss.backward()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+        out[f"{name}_syncs"] = len(syncs)
+        out[f"{name}_first"] = syncs[:3]
+    out["ok"] = all(out[f"{n}_syncs"] <= 1 for n in ("defaults", "adamw_bits_8"))
+    return out
+
+
 CHECKS: dict[str, Callable[[torch.device], dict]] = {
     "codec_4bit": check_codec, "newton_schulz_bf16": check_newton_schulz, "optimizer_vs_cpu": check_optimizer,
-    "resume_bit_exact": check_resume, "adamw_8bit_codec": check_adamw8,
+    "resume_bit_exact": check_resume, "adamw_8bit_codec": check_adamw8, "host_syncs": check_host_syncs,
 }
 
 
@@ -166,6 +199,12 @@ def _speed_rows(speed: dict) -> list[str]:
     for row in speed["rows"].values():
         ratio = row.get("ratio_vs_torch_muon")
         rows.append(f"| {row['label']} | {row['median_s'] * 1e3:.2f} | {f'{ratio:.2f}' if ratio else '-'} |")
+    return rows
+
+
+def _launch_rows(launches: dict) -> list[str]:
+    rows = ["| optimizer | launches per step |", "|---|---:|"]
+    rows += [f"| {row['label']} | {row['launches']:,} |" for row in launches["rows"].values()]
     return rows
 
 
@@ -186,7 +225,8 @@ def markdown(report: dict) -> str:
     for name, r in report["checks"].items():
         figures = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items() if k != "ok")
         lines.append(f"| {name} | {'yes' if r.get('ok') else 'NO'} | {figures} |")
-    parts = [(f"Step time, {shape}", part, _speed_rows) for shape, part in report["speed"].items()]
+    parts = [(f"Kernel launches per step, {shape}", part, _launch_rows) for shape, part in report["launches"].items()]
+    parts += [(f"Step time, {shape}", part, _speed_rows) for shape, part in report["speed"].items()]
     parts += [(f"Peak memory, {shape} (3 training steps, batch 1 x 128)", part, _peak_rows)
               for shape, part in report["peak"].items()]
     for title, part, table in parts:
@@ -204,7 +244,7 @@ def run(out: Path, device: str, quick: bool, budget: float, command: str) -> dic
     out.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name(0) if dev.type == "cuda" else "CPU (plumbing run)"
     report: dict = {"device": device, "device_name": name, "command": command, "torch": torch.__version__,
-                    "checks": {}, "speed": {}, "peak": {}}
+                    "checks": {}, "launches": {}, "speed": {}, "peak": {}}
 
     def save() -> None:
         report["elapsed_s"] = time.time() - start
@@ -220,6 +260,10 @@ def run(out: Path, device: str, quick: bool, budget: float, command: str) -> dic
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
     missing = sorted({r for r in GPU_SPEED_ROWS + GPU_PEAK_ROWS if r in VARIANTS and not installed(VARIANTS[r].kind)})
     report["rows_not_installed"] = missing  # a peer whose package this machine lacks: said, not silently dropped
+    launch_rows = [v for v in LAUNCH_ROWS if v.name not in missing and installed(v.kind)]
+    for shape in ["gpt2-tiny"] if quick else ["gpt2-small", "gpt2-12x256"]:  # the dispatcher's count on the device
+        report["launches"][shape] = launches_per_step(shape, launch_rows, device=device)
+        save()
     speed_shapes = ["gpt2-tiny"] if quick else ["gpt2-small", "llama-1b"]
     for shape in speed_shapes:
         if time.time() - start > budget * 0.6:

@@ -67,13 +67,13 @@ class KernelCount(TorchDispatchMode):
         return sum(self.by_op.values())
 
 
-def launches_per_step(shape: str, variants: list[Variant], steps: int = 2, **overrides) -> dict:
+def launches_per_step(shape: str, variants: list[Variant], steps: int = 2, device: str = "cpu", **overrides) -> dict:
     """{row: {"launches", "by_op" (the 8 most frequent)}} for one step after ``steps`` warm-up steps, on the
-    model ``shape`` (``benchmarks.models``, with config ``overrides``), gradients fixed."""
-    model = build_model(shape, **overrides)
+    model ``shape`` (``benchmarks.models``, with config ``overrides``) on ``device``, gradients fixed."""
+    model = build_model(shape, device=device, **overrides)
     gen = torch.Generator().manual_seed(0)
     for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+        p.grad = (torch.randn(p.shape, generator=gen) * 1e-2).to(device)
     rows = {}
     compiling = kernels.compile_enabled()
     kernels.set_compile(False)
@@ -91,5 +91,5 @@ def launches_per_step(shape: str, variants: list[Variant], steps: int = 2, **ove
         kernels.set_compile(compiling)
         precision.set_bf16_emulation(None)
     n_matrices = sum(1 for p in model.parameters() if p.ndim >= 2)
-    return {"shape": shape, "overrides": overrides, "tensors": len(list(model.parameters())),
+    return {"shape": shape, "device": device, "overrides": overrides, "tensors": len(list(model.parameters())),
             "matrices": n_matrices, "rows": rows}

@@ -209,8 +209,11 @@ def test_gpu_check_runs_its_code_paths_on_cpu(tmp_path, one_thread, monkeypatch)
     main(["gpu", "--out", str(tmp_path), "--device", "cpu", "--quick"])
     report = json.loads((tmp_path / "gpu.json").read_text())
     assert set(report["checks"]) == {"codec_4bit", "newton_schulz_bf16", "optimizer_vs_cpu", "resume_bit_exact",
-                                     "adamw_8bit_codec"}
+                                     "adamw_8bit_codec", "host_syncs"}
     assert all(r["ok"] for r in report["checks"].values()), report["checks"]
+    assert report["checks"]["host_syncs"] == {"ok": True, "skipped": "no CUDA device"}
+    launches = report["launches"]["gpt2-tiny"]["rows"]  # the peer left out here too; MuonQ's groups counted
+    assert "keller_muon" not in launches and launches["muonq"]["launches"] < launches["muonq_unbatched"]["launches"]
     rows = report["speed"]["gpt2-tiny"]["rows"]
     assert {"torch_muon", "muonq", "muonq_adam8"} <= set(rows) and rows["torch_muon"]["ratio_vs_torch_muon"] == 1.0
     assert "keller_muon" not in rows and report["rows_not_installed"] == ["keller_muon"]
