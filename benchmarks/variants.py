@@ -56,6 +56,7 @@ ABLATION_ROWS = [
     Variant("muonq_store_norm", "MuonQ + stored norm", "muonq", dict(store_norm=True)),
     Variant("muonq_sr", "MuonQ + stochastic rounding", "muonq", dict(stochastic_rounding=True)),
     Variant("muonq_8bit", "MuonQ 8-bit", "muonq", dict(bits=8)),
+    Variant("muonq_polar", "MuonQ, Polar Express NS coefficients", "muonq", dict(ns_coefficients="polar_express")),
     # the same algorithm without quantization: separates MuonQ's 4-bit error from its algorithmic changes
     Variant("muonq_fp32", "MuonQ fp32 (no quantization)", "muonq", dict(bits=32)),
 ]

@@ -229,12 +229,12 @@ def orthogonalized_update(plan: MatrixPlan, X: torch.Tensor, group: dict) -> tor
     """NS5 of every matrix of X (E, m, n), each times 0.2 sqrt(max(rows, cols)) of its own shape, in
     ``ns_dtype`` (bf16 by default: the scale is folded into NS's last matmul, so no fp32 copy of the update is
     made; a distributed backend moves it in that dtype)."""
-    steps, dtype = group["ns_steps"], ns_dtype(group)
+    steps, dtype, coefficients = group["ns_steps"], ns_dtype(group), group["ns_coefficients"]
     if plan.whole:  # one piece: no assembling (E, m, n) from batches
-        return zeropower_via_newtonschulz5(X, steps, dtype, muon_scale(plan.m, plan.n))  # (E, m, n)
+        return zeropower_via_newtonschulz5(X, steps, dtype, muon_scale(plan.m, plan.n), coefficients)  # (E, m, n)
     out = torch.empty(X.shape, dtype=dtype, device=X.device)
     for b in range(len(plan.batches)):
-        U = zeropower_via_newtonschulz5(plan.take(X, b), steps, dtype, muon_scale(*plan.batch_shape(b)))
+        U = zeropower_via_newtonschulz5(plan.take(X, b), steps, dtype, muon_scale(*plan.batch_shape(b)), coefficients)
         plan.put(out, b, U)  # (E*c, r, c) pieces into (E, m, n)
     return out
 

@@ -19,6 +19,7 @@ MUON_DEFAULTS: dict[str, Any] = dict(
     nesterov=False,  # U = NS(G + beta * M) instead of NS(M)
     ns_steps=5,  # Newton-Schulz iterations (Keller's quintic)
     ns_dtype="bf16",  # dtype of the Newton-Schulz iteration: "bf16" (as every peer runs it) or "fp32"
+    ns_coefficients="quintic",  # Keller Jordan's quintic (the paper's) or Polar Express's per-iteration ones
     bits=4,  # momentum storage: 4 or 8 bit codes, or 32 = fp32 (no codec)
     normalize=True,  # pre-quantization normalization of G and of M (the paper's technique 1)
     rank_divisor=16,  # low-rank split rank r = min(m, n) // rank_divisor; 0 = no split (technique 2)
@@ -98,6 +99,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "nesterov": (_is_bool, "True or False"),
     "ns_steps": (_int_at_least(1, 100), "an int in [1, 100]"),
     "ns_dtype": (_one_of("bf16", "fp32"), "'bf16' or 'fp32'"),
+    "ns_coefficients": (_one_of("quintic", "polar_express"), "'quintic' or 'polar_express'"),
     "bits": (_one_of(4, 8, 32), "one of 4, 8, 32"),
     "normalize": (_is_bool, "True or False"),
     "rank_divisor": (_int_at_least(0), "an int >= 0 (0 = no low-rank split)"),
@@ -139,6 +141,7 @@ _TYPES: dict[str, str] = {
     "nesterov": "bool",
     "ns_steps": "int",
     "ns_dtype": "str",
+    "ns_coefficients": "str",
     "bits": "int",
     "normalize": "bool",
     "rank_divisor": "int",

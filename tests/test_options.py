@@ -25,6 +25,8 @@ BAD = [
     ("ns_steps", 0, "an int in [1, 100]"),
     ("ns_dtype", "fp16", "'bf16' or 'fp32'"),
     ("ns_dtype", torch.bfloat16, "'bf16' or 'fp32'"),
+    ("ns_coefficients", "jordan", "'quintic' or 'polar_express'"),
+    ("ns_coefficients", None, "'quintic' or 'polar_express'"),
     ("eps", "1e-8", "a finite number >= 0"),
     ("momentum", None, "a finite number in [0, 1)"),
     ("momentum", 1.0, "a finite number in [0, 1)"),
@@ -186,3 +188,19 @@ def test_fp16_adamw_parameters_stay_finite_where_a_gradient_entry_is_zero():
     p.grad = grad
     opt.step()
     assert torch.isfinite(p).all()
+
+
+def test_polar_express_coefficients_are_an_option_of_the_constructor_and_of_optim_args():
+    """ns_coefficients="polar_express" reaches Newton-Schulz (the update differs from the quintic's, the state
+    does not: the momentum does not depend on NS), from the constructor and from --optim_args."""
+    assert parse_optim_args("ns_coefficients=polar_express") == {"ns_coefficients": "polar_express"}
+    weights = {}
+    for name in ("quintic", "polar_express"):
+        p = nn.Parameter(torch.ones(32, 64))
+        opt = MuonQ([dict(params=[p], use_muon=True)], lr=0.1, ns_coefficients=name)
+        p.grad = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+        opt.step()
+        weights[name] = (p.detach().clone(), opt.state[p]["res_codes"].clone())
+    moved = (weights["quintic"][0] - weights["polar_express"][0]).abs().max()
+    assert moved > 1e-3, f"the two schedules moved the weights alike (max difference {moved:.2e})"
+    assert torch.equal(weights["quintic"][1], weights["polar_express"][1])
