@@ -1,5 +1,5 @@
 """The checks run on a loaded MuonQ state before anything changes, and the conversion of a state saved with
-other storage options (README, "Options and resume"; layout: docs/design.md, ``muonq_hf.state``).
+other storage options (docs/checkpoints.md, "Options and resume"; layout: docs/design.md, ``muonq_hf.state``).
 
 ``check_state_dict`` compares a checkpoint against it (keys, shapes, dtypes, finite values, non-negative
 second moments and scales, valid saved options) and raises ``CheckpointError`` naming the parameter and the

@@ -188,7 +188,7 @@ class DeepSpeedMuonQ(MuonQ):
                     f"DeepSpeedMuonQ: this checkpoint was written with a data-parallel world size of {int(saved)}, "
                     f"now it is {world}: MuonQ's packed momentum is owned per matrix by one rank, so resume with "
                     f"{int(saved)} ranks, or move the run through muonq_hf.deepspeed_checkpoint (consolidated_state "
-                    "on the old ranks, load_consolidated_state on the new ones; README.md, DeepSpeed)"
+                    "on the old ranks, load_consolidated_state on the new ones; docs/distributed.md, DeepSpeed)"
                 )
         self._check_owners(state_dict)
         super().load_state_dict(state_dict)

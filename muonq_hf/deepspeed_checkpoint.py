@@ -3,7 +3,7 @@
 DeepSpeed's own checkpoints (``engine.save_checkpoint``) resume on the same number of data-parallel ranks only:
 each rank's file holds the packed momentum of the matrices it owns and its slices of the AdamW moments and of
 the fp32 master weights. Another world size (2 -> 1, 1 -> 2, N -> M, any ZeRO stage to any other) goes through
-the checkpoint one process would write (README.md, DeepSpeed, "Another number of ranks"):
+the checkpoint one process would write (docs/distributed.md, DeepSpeed, "Another number of ranks"):
 
     full = consolidated_state(engine, model)        # collective; rank 0 gets {"model": ..., "optimizer": ...}
     if rank == 0:

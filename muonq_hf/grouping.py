@@ -2,7 +2,7 @@
 
 ``route(model)`` decides, for every trainable parameter, its optimizer, its weight decay, the reason, and for
 Muon its matrix plan (experts x pieces, ``muonq_hf.matrices``); ``param_groups(model)`` turns the routes into
-MuonQ param groups. The rules are the table "Which parameters get Muon" of the README, in this order:
+MuonQ param groups. The rules are the table of docs/routing.md, in this order:
 
 1. ``muon_names`` / ``adamw_names`` patterns (the user's word wins; a pattern that matches nothing is an error);
 2. AdamW without decay: tensors of < 2 dims, biases (also stacked expert biases (E, out)), norms, SSM state

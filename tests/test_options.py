@@ -104,7 +104,7 @@ def test_ddp_shard_state_must_be_a_bool():
 
 
 def test_param_groups_weight_decay_default_reaches_the_optimizer():
-    """The README's DeepSpeed example: MuonQ(param_groups(model), weight_decay=0.1) decays the matrices."""
+    """docs/distributed.md's DeepSpeed example: MuonQ(param_groups(model), weight_decay=0.1) decays the matrices."""
     model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 8))
     opt = MuonQ(param_groups(model, adamw_names="2.weight"), lr=0.01, weight_decay=0.1)
     by_param = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}

@@ -180,7 +180,7 @@ def test_trainer_optim_args_name_patterns_and_routing_log(tmp_path, caplog):
 
 def test_moe_model_resumes_bit_exactly_through_the_optimizer_state_dict(tmp_path):
     """Trainer resume of transformers 5.x MoE checkpoints loses the expert weights for every optimizer (legacy
-    per-expert keys, see README); the optimizer state itself round-trips: a plain loop resumes bit for bit."""
+    per-expert keys, see docs/routing.md); the optimizer state itself round-trips: a plain loop resumes bit for bit."""
     config = tiny_config("qwen3_moe")
 
     def run(model, opt, steps):

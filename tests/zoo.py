@@ -18,7 +18,7 @@ TINY = dict(
 )
 
 # Causal LMs covered by the conformance suite: those whose tiny config builds offline (causal_lm_types_that_build(),
-# refreshed by hand when transformers changes) and runs forward with TINY sizes; the README lists them. Left out
+# refreshed by hand when transformers changes) and runs forward with TINY sizes; docs/routing.md lists them. Left out
 # because the TINY sizes break their forward (rope/head-dim or SSM sizes), not their routing: axk2, bamba, codegen,
 # gptj, granitemoehybrid, marian, minicpm3, sarvam_mla, xlstm, xmod, zamba2.
 CAUSAL_LM_TYPES = [
