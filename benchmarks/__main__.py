@@ -57,8 +57,11 @@ def machine() -> dict:
         pass
     import os
 
+    from muonq_hf.precision import emulates_bf16
+
     return {
         "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "cpu_bf16_dot_products": not emulates_bf16(torch.device("cpu")),  # else bf16 products run in fp32
         "python": platform.python_version(), "cuda": torch.cuda.is_available(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
