@@ -144,3 +144,26 @@ def test_ddp_state_sharding_batches_the_matrices_each_rank_owns(tmp_path):
     res = json.loads((tmp_path / "ddp_batch.json").read_text())
     assert res["difference"] is None, res["difference"]
     assert all(sizes and max(sizes) >= 2 for sizes in res["batch_sizes"]), res["batch_sizes"]
+
+
+def test_a_shape_group_keeps_its_state_in_one_bank_and_honours_a_replaced_entry():
+    """The members' state entries are views of one stacked tensor per entry (no copy per step); an entry a user
+    replaces is read at the next step (the bank stacks the members again): the same weights as the same edit
+    under one-by-one steps."""
+    models = [gpt2(), gpt2()]
+    opts = [MuonQ(param_groups(m), lr=0.02, batch_elements=b) for m, b in zip(models, (BATCH, 0), strict=True)]
+    fc = [m.transformer.h[0].mlp.c_fc.weight for m in models]
+    for step in range(3):
+        for m, opt, p in zip(models, opts, fc, strict=True):
+            ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(step))
+            m(input_ids=ids, labels=ids).loss.backward()
+            if step == 2:  # a user halves one matrix's stored residual scale
+                opt.state[p]["res_scale"] = opt.state[p]["res_scale"] / 2
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if step == 1:  # batched: the three layers' c_fc codes share one storage, member by member
+            codes = [opts[0].state[m.mlp.c_fc.weight]["res_codes"] for m in models[0].transformer.h]
+            base = codes[0].untyped_storage().data_ptr()
+            assert all(c.untyped_storage().data_ptr() == base for c in codes)
+            assert [c.storage_offset() for c in codes] == [i * codes[0].numel() for i in range(3)]
+    assert_same(*models, *opts)
