@@ -7,7 +7,7 @@ allocations and metadata ops excluded), with each call of a fused function (``mu
 ops inside it not counted. Counted with compiling off, so the count does not depend on a compiler being
 present, and with bf16 products native (``muonq_hf.precision``: a CPU without bf16 dot products converts each
 product's operands, which a GPU does not). ``batch_elements`` defaults differ by device: the row
-``muonq_gpu_groups`` uses CUDA's.
+``muonq_cuda_groups`` uses CUDA's.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .models import build_model
 from .variants import VARIANTS, Variant, make_optimizer
 
 # torch.optim.Muon + AdamW (what a Muon user runs today), MuonQ with this device's and with CUDA's group size, and
-# MuonQ one matrix at a time (as it ran before shape groups)
+# MuonQ one matrix at a time (batch_elements=0)
 LAUNCH_ROWS = [
     VARIANTS["torch_muon"],
     VARIANTS["keller_muon"],

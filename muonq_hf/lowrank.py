@@ -31,8 +31,8 @@ def orthonormalize_columns(P: torch.Tensor, row_sum: RowSum = no_reduction) -> t
     cond(G) > 1e8, i.e. cond(P) > 1e4 where fp32 Cholesky-QR loses orthogonality) the eigendecomposition
     G = V diag(l) V^T gives Q = P V diag(l)^-1/2, with directions of l ~ 0 dropped (zero columns). Off the CPU,
     where asking whether G is well-conditioned would stop the host until the device answers, each matrix takes
-    its plain Cholesky factor where it is well-conditioned and a shifted one (``_shifted_cholesky``) where not,
-    selected on the device.
+    its plain Cholesky factor where it is well-conditioned and a shifted one where not, selected on the device
+    (``orthonormalize_selected``).
     """
     gram = row_sum(P.mT @ P)  # (..., r, r)
     L, info = torch.linalg.cholesky_ex(gram)

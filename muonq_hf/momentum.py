@@ -249,14 +249,14 @@ def apply_updates(weights: list[torch.Tensor], update: torch.Tensor, lr: float, 
     scaled per matrix): one foreach op per operation (one launch on a GPU), the same ops on every backend.
 
     With wd = 0 (the HF Trainer's default) the multiply by 1, a pass over the weights that changes no bit, is
-    skipped. On CPU an fp32 weight adds a bf16 update as is (promoted exactly inside the add, no fp32 copy);
-    elsewhere the update is first cast to the weights' dtype, once for all (a foreach add of mixed dtypes falls
-    back to one launch per tensor on CUDA); bf16/fp16 weights take it in their own dtype.
+    skipped. An fp32 weight adds a bf16 update as is (promoted exactly inside the add, no fp32 copy), except for
+    several weights off the CPU: there the update is first cast to fp32, once for all (a foreach add of mixed
+    dtypes falls back to one launch per tensor on CUDA). bf16/fp16 weights take it in their own dtype.
     """
     if weight_decay != 0:
         torch._foreach_mul_(weights, 1 - lr * weight_decay)
     dtype = weights[0].dtype
-    if dtype != torch.float32 or update.device.type != "cpu":
+    if dtype != torch.float32 or (len(weights) > 1 and update.device.type != "cpu"):
         update = update.to(dtype)
     parts = update.chunk(len(weights)) if len(weights) > 1 else (update,)
     torch._foreach_add_(weights, [u.reshape(w.shape) for u, w in zip(parts, weights, strict=True)], alpha=-lr)

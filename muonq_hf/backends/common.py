@@ -68,12 +68,12 @@ def whole_muon_step(momentum: MomentumStage, task: Task, state: dict) -> None:
 # runs each kernel once for all its matrices. Its transients grow with it (~6 fp32 copies of its gradients), hence
 # the bound. On CPU the same holds for small matrices (per-op overhead); the bound there keeps a group's
 # transients within those of one 768 x 3072 matrix.
-BATCH_ELEMENTS: dict[str, int] = {"cuda": 1 << 23, "cpu": 1 << 21}
+BATCH_ELEMENTS: dict[str, int] = {"cuda": 1 << 23, "cpu": 1 << 21}  # other device types: the CPU's
 
 
 def _budget(p: torch.Tensor, budget: int | None) -> int:
     """Gradient elements of one group on ``p``'s device: ``budget``, or the device type's ``BATCH_ELEMENTS``."""
-    return BATCH_ELEMENTS.get(p.device.type, 1 << 21) if budget is None else budget
+    return BATCH_ELEMENTS.get(p.device.type, BATCH_ELEMENTS["cpu"]) if budget is None else budget
 
 
 def muon_groups(
