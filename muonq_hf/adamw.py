@@ -16,7 +16,8 @@ import math
 
 import torch
 
-from .codecs import dequantize_dynamic8, quantize_dynamic8
+from .codecs import DynamicCodebook, dequantize_dynamic8, quantize_dynamic8
+from .kernels import fused
 from .state import ADAMW_8BIT_BLOCK, ADAMW_MOMENTS, moment_codebook
 
 CHUNK_ELEMENTS = 1 << 20  # rows are processed in chunks of about this many elements (4 MiB in fp32)
@@ -33,20 +34,20 @@ def adamw_step(weight: torch.Tensor, grad: torch.Tensor, state: dict, group: dic
     step = _count_step(state, grad, quantized, rows, cols)
     W, G = weight.view(rows, cols), grad.view(rows, cols)  # (rows, cols)
     books = [moment_codebook(k, grad.device) for k in ADAMW_MOMENTS] if quantized else []
+    hyper = _hyperparameters(group, step)
     per_chunk = max(1, CHUNK_ELEMENTS // max(1, cols))  # rows
     for start in range(0, rows, per_chunk):
         chunk = slice(start, start + per_chunk)
-        if quantized:
-            codes = [state[f"{k}_codes"][chunk] for k in ADAMW_MOMENTS]
-            absmax = [state[f"{k}_absmax"][chunk] for k in ADAMW_MOMENTS]
-            exp_avg, exp_avg_sq = (dequantize_dynamic8(c, a, b) for c, a, b in zip(codes, absmax, books, strict=True))
+        if quantized:  # one fused call: decode, update, encode (compiled: one or two kernels instead of ~35 ops)
+            stored = [state[f"{k}_{part}"][chunk] for k in ADAMW_MOMENTS for part in ("codes", "absmax")]
+            tables = [t for book in books for t in (book.values, book.start, book.threshold)]
+            encoded = _quantized_update(W[chunk], G[chunk], *stored, *tables, *hyper)
+            for (k, part), value in zip(((k, part) for k in ADAMW_MOMENTS for part in ("codes", "absmax")), encoded,
+                                        strict=True):
+                state[f"{k}_{part}"][chunk] = value
         else:  # views of the fp32 moments: updated in place
             exp_avg, exp_avg_sq = (state[k].view(rows, cols)[chunk] for k in ADAMW_MOMENTS)
-        _update([W[chunk]], [G[chunk].float()], [exp_avg], [exp_avg_sq], group, step)  # (chunk rows, cols)
-        if quantized:
-            for k, value, book in zip(ADAMW_MOMENTS, (exp_avg, exp_avg_sq), books, strict=True):
-                new_codes, new_absmax = quantize_dynamic8(value, book, ADAMW_8BIT_BLOCK)
-                state[f"{k}_codes"][chunk], state[f"{k}_absmax"][chunk] = new_codes, new_absmax
+            _update([W[chunk]], [G[chunk].float()], [exp_avg], [exp_avg_sq], *hyper)  # (chunk rows, cols)
 
 
 def adamw_steps(weights: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict], group: dict) -> None:
@@ -59,7 +60,7 @@ def adamw_steps(weights: list[torch.Tensor], grads: list[torch.Tensor], states: 
     counts = [state["step"] for state in states]
     torch._foreach_add_(counts, 1.0)  # one op for every count (torch's foreach AdamW counts the same way)
     moments = ([state[k] for state in states] for k in ADAMW_MOMENTS)
-    _update(weights, grads, *moments, group, counts[0].item())
+    _update(weights, grads, *moments, *_hyperparameters(group, counts[0].item()))
 
 
 def _count_step(state: dict, grad: torch.Tensor, quantized: bool, rows: int, cols: int) -> float:
@@ -91,29 +92,81 @@ def zero_moment(key: str, rows: int, cols: int, device: torch.device) -> tuple[t
     return code.expand(rows, cols).contiguous(), absmax.expand(rows, blocks).contiguous()
 
 
+def _hyperparameters(group: dict, step: float) -> tuple[float | bool, ...]:
+    """``_update``'s scalars for step number ``step``, as plain numbers: beta1, beta2, eps, whether there is weight
+    decay, the decay factor 1 - lr wd, the step size lr / (1 - beta1^step) and sqrt(1 - beta2^step). Computed
+    here, not in ``_update``: a compiled caller takes floats as symbolic inputs, so a scheduler's new lr or the
+    next step count compiles nothing again (a power with the step count as exponent would be specialized)."""
+    beta1, beta2 = (float(b) for b in group["betas"])
+    lr, weight_decay = float(group["lr"]), float(group["weight_decay"])
+    bias1, bias2 = 1 - beta1**step, 1 - beta2**step
+    return beta1, beta2, float(group["eps"]), weight_decay != 0, 1 - lr * weight_decay, lr / bias1, math.sqrt(bias2)
+
+
 def _update(
     weights: list[torch.Tensor],
     grads: list[torch.Tensor],
     exp_avgs: list[torch.Tensor],
     exp_avg_sqs: list[torch.Tensor],
-    group: dict,
-    step: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    decays: bool,
+    decay: float,
+    step_size: float,
+    bias2_root: float,
 ) -> None:
-    """torch's AdamW on tensors of one group and step count (or chunks of rows): moments in place, then the
-    weights. ``torch._foreach`` ops: one tensor or many, each op is one kernel on a GPU."""
-    beta1, beta2 = group["betas"]
+    """torch's AdamW on tensors of one group and step count (or chunks of rows), with the scalars of
+    ``_hyperparameters``: moments in place, then the weights. ``torch._foreach`` ops: one tensor or many, each op
+    is one kernel on a GPU."""
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-    bias1, bias2 = 1 - beta1**step, 1 - beta2**step
     denom = torch._foreach_sqrt(exp_avg_sqs)  # one temporary per tensor, then in place
-    torch._foreach_div_(denom, math.sqrt(bias2))
-    torch._foreach_add_(denom, group["eps"])
-    if group["weight_decay"] != 0:  # decoupled weight decay; the HF Trainer's default weight_decay is 0
-        torch._foreach_mul_(weights, 1 - group["lr"] * group["weight_decay"])
+    torch._foreach_div_(denom, bias2_root)
+    torch._foreach_add_(denom, eps)
+    if decays:  # decoupled weight decay; the HF Trainer's default weight_decay is 0
+        torch._foreach_mul_(weights, decay)
     if all(w.dtype == torch.float32 for w in weights):
-        torch._foreach_addcdiv_(weights, exp_avgs, denom, value=-group["lr"] / bias1)
+        torch._foreach_addcdiv_(weights, exp_avgs, denom, value=-step_size)
     else:  # the ratio in fp32: eps = 1e-8 is 0 in fp16, and 0 / 0 turned fp16 weights NaN
         ratios = torch._foreach_div(exp_avgs, denom)
         torch._foreach_add_(weights, [r.to(w.dtype) for r, w in zip(ratios, weights, strict=True)],
-                            alpha=-group["lr"] / bias1)
+                            alpha=-step_size)
+
+
+@fused
+def _quantized_update(
+    weight: torch.Tensor,
+    grad: torch.Tensor,
+    m_codes: torch.Tensor,
+    m_absmax: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_absmax: torch.Tensor,
+    m_values: torch.Tensor,
+    m_start: torch.Tensor,
+    m_threshold: torch.Tensor,
+    v_values: torch.Tensor,
+    v_start: torch.Tensor,
+    v_threshold: torch.Tensor,
+    *hyper: float | bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """AdamW on rows (rows, cols) of a weight with 8-bit moments: decode m and v (codes, block absmax and the
+    ``DynamicCodebook`` tables of each), update them and the weight (in place), and return their new codes and
+    absmax. One fused function, so that compiled the decoded fp32 moments never leave the kernel.
+
+    The update is ``_update``'s, written with tensor ops: compiled, a foreach op would specialize its float
+    scalars (a new graph at every step count); tensor ops take them as inputs. Same operations, same order."""
+    beta1, beta2, eps, decays, decay, step_size, bias2_root = hyper
+    books = DynamicCodebook(m_values, m_start, m_threshold), DynamicCodebook(v_values, v_start, v_threshold)
+    g = grad.float()  # (rows, cols)
+    m = dequantize_dynamic8(m_codes, m_absmax, books[0]).lerp(g, 1 - beta1)
+    v = dequantize_dynamic8(v_codes, v_absmax, books[1]) * beta2 + (1 - beta2) * g * g
+    denom = v.sqrt() / bias2_root + eps
+    if decays:
+        weight.mul_(decay)
+    weight.add_((m / denom * -step_size).to(weight.dtype))  # a scalar times a tensor: no specialized scalar
+    (m_codes, m_absmax), (v_codes, v_absmax) = (
+        quantize_dynamic8(value, book, ADAMW_8BIT_BLOCK) for value, book in zip((m, v), books, strict=True)
+    )
+    return m_codes, m_absmax, v_codes, v_absmax

@@ -172,3 +172,38 @@ def test_a_fused_function_keeps_more_compiled_variants_than_torchs_default(compi
     hits = [r.getMessage() for r in caplog.records if "recompile_limit" in r.getMessage()]
     assert not hits, hits
     assert getattr(config, name) == before
+
+
+def _adamw8_run(steps: int) -> tuple[torch.Tensor, dict]:
+    """``steps`` AdamW steps of a (300, 512) weight with 8-bit moments (two chunks of rows), a new lr each step."""
+    from muonq_hf.adamw import adamw_step
+
+    g = torch.Generator().manual_seed(3)
+    weight, state = torch.randn(300, 512, generator=g), {}
+    for i in range(steps):
+        group = {**DEFAULTS, "adamw_bits": 8, "lr": 1e-3 * (i + 1), "weight_decay": 0.1}
+        adamw_step(weight, torch.randn(weight.shape, generator=g), state, group, True)
+    return weight, state
+
+
+def test_compiled_8bit_adamw_matches_eager_and_compiles_once(compiling, monkeypatch):
+    """The fused 8-bit AdamW (decode, update, encode in one call): the compiled weights equal the eager ones to fp32
+    rounding, except where a moment's code flipped (an ulp crossed a rounding boundary: under 1e-4 of the codes),
+    and a new lr and step count at every step compile nothing again (one graph)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    import muonq_hf.adamw as adamw
+
+    monkeypatch.setattr(adamw, "CHUNK_ELEMENTS", 200 * 512)  # two chunks of rows: 200 and 100
+    torch._dynamo.reset()
+    graphs = counters["stats"]["unique_graphs"]
+    weight, state = _adamw8_run(4)
+    assert counters["stats"]["unique_graphs"] - graphs == 1, "the 8-bit AdamW step compiled more than one graph"
+    kernels.set_compile(False)
+    ref_weight, ref_state = _adamw8_run(4)
+    for key in ("exp_avg_codes", "exp_avg_sq_codes"):
+        flipped = (state[key] != ref_state[key]).float().mean().item()
+        assert flipped < 1e-4, f"{key}: {flipped:.2e} of the codes differ from eager"
+    moved = (weight - ref_weight).abs() > 1e-6 * ref_weight.abs() + 1e-7
+    assert moved.float().mean() < 0.05, f"{moved.float().mean():.3f} of the weights differ from eager"
