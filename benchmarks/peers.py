@@ -121,8 +121,9 @@ def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramete
 
 def build_peer(kind: str, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     betas = (0.9, 0.95)
-    if kind == "torch_muon":
+    if kind == "torch_muon":  # torch.optim.Muon takes 2-D parameters only: 3-D MoE experts go to its AdamW
         muon, adamw = split_params(model)
+        muon, adamw = [p for p in muon if p.ndim == 2], adamw + [p for p in muon if p.ndim != 2]
         return Together(
             torch.optim.Muon(muon, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"),
             torch.optim.AdamW(adamw, lr=lr, betas=betas, weight_decay=weight_decay),

@@ -217,7 +217,10 @@ def test_gpu_check_runs_its_code_paths_on_cpu(tmp_path, one_thread, monkeypatch)
     rows = report["speed"]["gpt2-tiny"]["rows"]
     assert {"torch_muon", "muonq", "muonq_adam8"} <= set(rows) and rows["torch_muon"]["ratio_vs_torch_muon"] == 1.0
     assert "keller_muon" not in rows and report["rows_not_installed"] == ["keller_muon"]
+    moe = report["speed"]["qwen3-moe-tiny"]["rows"]  # 3-D experts: torch.optim.Muon's row steps them by AdamW
+    assert {"torch_muon", "muonq", "adamw"} <= set(moe) and all(r["median_s"] > 0 for r in moe.values())
     peak = report["peak"]["gpt2-tiny"]["rows"]
     assert peak["none"]["state"] == 0 and all(r["peak"] > 0 for r in peak.values())
     md = (tmp_path / "gpu.md").read_text()
+    assert "torch.optim.Muon takes 2-D parameters only" in md
     assert "## Checks" in md and "Rows left out (package not installed here): keller_muon" in md
