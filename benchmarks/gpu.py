@@ -41,10 +41,11 @@ from .peers import installed
 from .speed import step_times
 from .variants import VARIANTS
 
-GPU_SPEED_ROWS = ("torch_muon", "keller_muon", "muonq", "muonq_unbatched", "muonq_adam8", "adamw",
+GPU_SPEED_ROWS = ("torch_muon", "keller_muon", "muonq", "muonq_graph", "muonq_unbatched", "muonq_adam8", "adamw",
                   "bnb_adamw8bit_hf", "torchao_adamw8bit")
+CUDA_ONLY_ROWS = ("muonq_graph",)  # left out of the quick CPU run
 GPU_PEAK_ROWS = ("none", "adamw", "bnb_adamw8bit_hf", "torchao_adamw8bit", "torch_muon", "muonq", "muonq_unbatched",
-                 "muonq_adam8")
+                 "muonq_adam8", "muonq_graph")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -157,17 +158,18 @@ def check_adamw8(dev: torch.device) -> dict:
 
 
 def check_host_syncs(dev: torch.device) -> dict:
-    """Host syncs in a MuonQ step after the first (GPT-2 tiny, defaults and ``adamw_bits=8``), counted by CUDA's
+    """Host syncs in a MuonQ step after the first (GPT-2 tiny: defaults, ``adamw_bits=8``, a replayed
+    ``cuda_graph=True`` step), counted by CUDA's
     sync debug mode (a warning per synchronizing call): one is the non-finite decision; no other is allowed.
     On CPU there is nothing to count (tests/test_device_step.py checks the same on tensors without data)."""
     if dev.type != "cuda":
         return {"ok": True, "skipped": "no CUDA device"}
     out: dict = {}
-    for name, options in (("defaults", {}), ("adamw_bits_8", {"adamw_bits": 8})):
+    for name, options in (("defaults", {}), ("adamw_bits_8", {"adamw_bits": 8}), ("cuda_graph", {"cuda_graph": True})):
         model = build_model("gpt2-tiny").to(dev)
         opt = MuonQ(param_groups(model), lr=0.01, **options)
-        _train(model, opt, range(2))
-        ids = _batch(2, model.config.vocab_size, dev)
+        _train(model, opt, range(3))  # with cuda_graph the third step is recorded: the fourth is a replay
+        ids = _batch(3, model.config.vocab_size, dev)
         model(input_ids=ids, labels=ids).loss.backward()
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("warn")
@@ -180,13 +182,46 @@ def check_host_syncs(dev: torch.device) -> dict:
         syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
         out[f"{name}_syncs"] = len(syncs)
         out[f"{name}_first"] = syncs[:3]
-    out["ok"] = all(out[f"{n}_syncs"] <= 1 for n in ("defaults", "adamw_bits_8"))
+    out["ok"] = all(out[f"{n}_syncs"] <= 1 for n in ("defaults", "adamw_bits_8", "cuda_graph"))
+    return out
+
+
+def check_cuda_graph(dev: torch.device) -> dict:
+    """``cuda_graph=True`` against the eager step: GPT-2 tiny, 6 steps with a new lr and new gradient tensors at each
+    (step 3 is recorded, 4-6 replayed). With fp32 state and NS every weight agrees to 1e-5 (the recorded form
+    scales by a device lr: rounding); with the defaults and ``adamw_bits=8`` the loss after them agrees to 1%."""
+    if dev.type != "cuda":
+        return {"ok": True, "skipped": "no CUDA device"}
+    out: dict = {}
+    for name, options in (("fp32_state", dict(bits=32, ns_dtype="fp32")), ("defaults_adamw8", dict(adamw_bits=8))):
+        models, losses = [], []
+        for graph in (False, True):
+            model = build_model("gpt2-tiny", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).to(dev)
+            opt = MuonQ(param_groups(model), lr=0.01, cuda_graph=graph, **options)
+            for step in range(6):
+                for group in opt.param_groups:
+                    group["lr"] = 0.01 * (1 - step / 10)
+                ids = _batch(step, model.config.vocab_size, dev)
+                model(input_ids=ids, labels=ids).loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                losses.append(float(model(input_ids=ids, labels=ids).loss))
+            models.append(model)
+            if graph:
+                out[f"{name}_recordings"] = opt._graph.recordings
+        pairs = zip(models[1].parameters(), models[0].parameters(), strict=True)
+        out[f"{name}_max_rel_diff"] = max(_rel(p.detach(), q.detach()) for p, q in pairs)
+        out[f"{name}_loss_eager"], out[f"{name}_loss_graph"] = losses
+    out["ok"] = (out["fp32_state_max_rel_diff"] < 1e-5 and out["fp32_state_recordings"] == 1
+                 and abs(out["defaults_adamw8_loss_graph"] / out["defaults_adamw8_loss_eager"] - 1) < 1e-2)
     return out
 
 
 CHECKS: dict[str, Callable[[torch.device], dict]] = {
     "codec_4bit": check_codec, "newton_schulz_bf16": check_newton_schulz, "optimizer_vs_cpu": check_optimizer,
     "resume_bit_exact": check_resume, "adamw_8bit_codec": check_adamw8, "host_syncs": check_host_syncs,
+    "cuda_graph_vs_eager": check_cuda_graph,
 }
 
 
@@ -282,12 +317,14 @@ def run(out: Path, device: str, quick: bool, budget: float, command: str) -> dic
             continue
         # torchao compiles its step per parameter shape: on the large shapes that alone would take minutes
         rows = [VARIANTS[r] for r in GPU_SPEED_ROWS if r not in missing
-                and not ((quick or shape != "gpt2-small") and r.startswith("torchao"))]
+                and not ((quick or shape != "gpt2-small") and r.startswith("torchao"))
+                and not (dev.type != "cuda" and r in CUDA_ONLY_ROWS)]
         report["speed"][shape] = step_times(shape, rows, warmup=1 if quick else 2, rounds=2 if quick else 5,
                                             device=device, dtype=dtype)
         save()
     peak_shape = "gpt2-tiny" if quick else "gpt2-small"
-    rows = [r for r in GPU_PEAK_ROWS if r not in missing and not (quick and r.startswith("torchao"))]
+    rows = [r for r in GPU_PEAK_ROWS if r not in missing and not (quick and r.startswith("torchao"))
+            and not (dev.type != "cuda" and r in CUDA_ONLY_ROWS)]
     rows = rows[: 3 if quick else None]
     left = budget - (time.time() - start)
     if left < 30:

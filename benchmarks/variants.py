@@ -62,6 +62,8 @@ ABLATION_ROWS = [
 ]
 # MuonQ stepping one matrix at a time (cross-parameter batches off): what batching gains on a GPU
 BATCHING_ROWS = [Variant("muonq_unbatched", "MuonQ 4-bit, one matrix at a time", "muonq", {}, {"batch_elements": 0})]
+# MuonQ with its step recorded as a CUDA graph (muonq_hf.graphs): CUDA only
+GRAPH_ROWS = [Variant("muonq_graph", "MuonQ 4-bit, step as a CUDA graph", "muonq", {}, {"cuda_graph": True})]
 # MuonQ orthogonalizing GPT-2's fused c_attn as one 768 x 2304 matrix, as torch.optim.Muon does: the cost of the
 # per-piece q/k/v Newton-Schulz that docs/design.md ("Which matrices") requires, measured beside the default
 WHOLE_QKV_ROWS = [Variant("muonq_whole_qkv", "MuonQ 4-bit, fused QKV as one matrix", "muonq", dict(split_qkv=False))]
@@ -74,7 +76,7 @@ PEER_ROWS = [
     Variant("torchao_adamw4bit", "torchao AdamW4bit", "torchao_adamw4bit"),
 ]
 VARIANTS: dict[str, Variant] = {
-    v.name: v for v in MAIN_ROWS + ABLATION_ROWS + PEER_ROWS + BATCHING_ROWS + WHOLE_QKV_ROWS
+    v.name: v for v in MAIN_ROWS + ABLATION_ROWS + PEER_ROWS + BATCHING_ROWS + WHOLE_QKV_ROWS + GRAPH_ROWS
 }
 # step time: MuonQ against what users would pick instead, and the package's own fp32 Muon
 SPEED_ROWS = [VARIANTS[name] for name in (

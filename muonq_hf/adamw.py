@@ -13,6 +13,7 @@ of the whole tensor (a 525M-element embedding + head would otherwise decode into
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -21,6 +22,9 @@ from .kernels import fused
 from .state import ADAMW_8BIT_BLOCK, ADAMW_MOMENTS, moment_codebook
 
 CHUNK_ELEMENTS = 1 << 20  # rows are processed in chunks of about this many elements (4 MiB in fp32)
+# A recorded step (``muonq_hf.graphs``) gives its groups the step count as a device scalar under this key (and the lr
+# as one): the bias corrections are then computed on the device, so a replay takes the count of its own step.
+DEVICE_STEP = "device_step"
 
 
 def adamw_step(weight: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, quantized: bool) -> None:
@@ -92,13 +96,21 @@ def zero_moment(key: str, rows: int, cols: int, device: torch.device) -> tuple[t
     return code.expand(rows, cols).contiguous(), absmax.expand(rows, blocks).contiguous()
 
 
-def _hyperparameters(group: dict, step: float) -> tuple[float | bool, ...]:
-    """``_update``'s scalars for step number ``step``, as plain numbers: beta1, beta2, eps, whether there is weight
-    decay, the decay factor 1 - lr wd, the step size lr / (1 - beta1^step) and sqrt(1 - beta2^step). Computed
-    here, not in ``_update``: a compiled caller takes floats as symbolic inputs, so a scheduler's new lr or the
-    next step count compiles nothing again (a power with the step count as exponent would be specialized)."""
+def _hyperparameters(group: dict, step: float) -> tuple[Any, ...]:
+    """``_update``'s scalars for step number ``step``: beta1, beta2, eps, whether there is weight decay, the decay
+    factor 1 - lr wd, the step size lr / (1 - beta1^step) and sqrt(1 - beta2^step).
+
+    Plain numbers, computed here and not in ``_update``: a compiled caller takes floats as symbolic inputs, so a
+    scheduler's new lr or the next step count compiles nothing again (a power with the step count as exponent
+    would be specialized). In a recorded step (``DEVICE_STEP`` in the group) lr and the count are device scalars
+    and so are the last three: computed by the recorded kernels from the values filled in before each replay."""
     beta1, beta2 = (float(b) for b in group["betas"])
-    lr, weight_decay = float(group["lr"]), float(group["weight_decay"])
+    weight_decay = float(group["weight_decay"])
+    if DEVICE_STEP in group:
+        lr, step = group["lr"], group[DEVICE_STEP]
+        bias1, bias2 = 1 - beta1**step, 1 - beta2**step
+        return beta1, beta2, float(group["eps"]), weight_decay != 0, 1 - lr * weight_decay, lr / bias1, bias2.sqrt()
+    lr = float(group["lr"])
     bias1, bias2 = 1 - beta1**step, 1 - beta2**step
     return beta1, beta2, float(group["eps"]), weight_decay != 0, 1 - lr * weight_decay, lr / bias1, math.sqrt(bias2)
 
@@ -112,9 +124,9 @@ def _update(
     beta2: float,
     eps: float,
     decays: bool,
-    decay: float,
-    step_size: float,
-    bias2_root: float,
+    decay: float | torch.Tensor,
+    step_size: float | torch.Tensor,
+    bias2_root: float | torch.Tensor,
 ) -> None:
     """torch's AdamW on tensors of one group and step count (or chunks of rows), with the scalars of
     ``_hyperparameters``: moments in place, then the weights. ``torch._foreach`` ops: one tensor or many, each op
@@ -127,7 +139,11 @@ def _update(
     torch._foreach_add_(denom, eps)
     if decays:  # decoupled weight decay; the HF Trainer's default weight_decay is 0
         torch._foreach_mul_(weights, decay)
-    if all(w.dtype == torch.float32 for w in weights):
+    if torch.is_tensor(step_size):  # a device scalar (a recorded step): folded into the denominators
+        torch._foreach_div_(denom, -step_size)
+        ratios = torch._foreach_div(exp_avgs, denom)
+        torch._foreach_add_(weights, [r.to(w.dtype) for r, w in zip(ratios, weights, strict=True)])
+    elif all(w.dtype == torch.float32 for w in weights):
         torch._foreach_addcdiv_(weights, exp_avgs, denom, value=-step_size)
     else:  # the ratio in fp32: eps = 1e-8 is 0 in fp16, and 0 / 0 turned fp16 weights NaN
         ratios = torch._foreach_div(exp_avgs, denom)
@@ -149,7 +165,7 @@ def _quantized_update(
     v_values: torch.Tensor,
     v_start: torch.Tensor,
     v_threshold: torch.Tensor,
-    *hyper: float | bool,
+    *hyper: Any,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """AdamW on rows (rows, cols) of a weight with 8-bit moments: decode m and v (codes, block absmax and the
     ``DynamicCodebook`` tables of each), update them and the weight (in place), and return their new codes and

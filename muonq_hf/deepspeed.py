@@ -158,6 +158,11 @@ class DeepSpeedMuonQ(MuonQ):
                 "DeepSpeedMuonQ: ddp_shard_state=True is for DDP; under ZeRO the packed state is already partitioned "
                 "by matrix across ranks: drop ddp_shard_state"
             )
+        if self.cuda_graph:
+            raise ValueError(
+                "DeepSpeedMuonQ: cuda_graph=True is not supported under DeepSpeed ZeRO (each step exchanges partitions "
+                "between ranks, which a recorded step cannot do); pass cuda_graph=False"
+            )
         for group in self.param_groups:
             if group["adamw_bits"] != 32 and not group["use_muon"]:
                 raise ValueError(

@@ -244,7 +244,9 @@ def apply_update(weight: torch.Tensor, update: torch.Tensor, lr: float, weight_d
     apply_updates([weight], update, lr, weight_decay)
 
 
-def apply_updates(weights: list[torch.Tensor], update: torch.Tensor, lr: float, weight_decay: float) -> None:
+def apply_updates(
+    weights: list[torch.Tensor], update: torch.Tensor, lr: float | torch.Tensor, weight_decay: float
+) -> None:
     """W *= 1 - lr * wd; W -= lr * U for k weights of one dtype, from their updates stacked on dim 0 (each already
     scaled per matrix): one foreach op per operation (one launch on a GPU), the same ops on every backend.
 
@@ -256,7 +258,10 @@ def apply_updates(weights: list[torch.Tensor], update: torch.Tensor, lr: float, 
     if weight_decay != 0:
         torch._foreach_mul_(weights, 1 - lr * weight_decay)
     dtype = weights[0].dtype
-    if dtype != torch.float32 or (len(weights) > 1 and update.device.type != "cpu"):
+    if torch.is_tensor(lr):  # a device scalar (a recorded step, ``muonq_hf.graphs``): scale the update by it first
+        update = update.to(dtype) * -lr
+    elif dtype != torch.float32 or (len(weights) > 1 and update.device.type != "cpu"):
         update = update.to(dtype)
     parts = update.chunk(len(weights)) if len(weights) > 1 else (update,)
-    torch._foreach_add_(weights, [u.reshape(w.shape) for u, w in zip(parts, weights, strict=True)], alpha=-lr)
+    alpha = 1 if torch.is_tensor(lr) else -lr
+    torch._foreach_add_(weights, [u.reshape(w.shape) for u, w in zip(parts, weights, strict=True)], alpha=alpha)

@@ -19,6 +19,7 @@ from .checkpoint import (
     convert_state,
     storage_changes,
 )
+from .graphs import GraphRefused, StepGraph
 from .matrices import MatrixPlan, plan_of, shaped
 from .momentum import momentum_step
 from .options import DEFAULTS, validate_group
@@ -66,6 +67,7 @@ class MuonQ(torch.optim.Optimizer):
         nonfinite: str = "error",
         ddp_shard_state: bool = False,
         batch_elements: int | None = None,
+        cuda_graph: bool = False,
         **options: Any,
     ) -> None:
         unknown = set(options) - (GROUP_KEYS - {"params", "use_muon"})
@@ -84,7 +86,11 @@ class MuonQ(torch.optim.Optimizer):
                 "batches on CUDA, none on CPU), 0 (one matrix at a time) or a positive int (gradient elements per "
                 "batch of same-shape matrices stepped together)"
             )
+        if not isinstance(cuda_graph, bool):
+            raise ValueError(f"MuonQ: cuda_graph={cuda_graph!r} is not allowed; it must be True or False")
         self.batch_elements = batch_elements
+        self.cuda_graph = cuda_graph
+        self._graph = StepGraph()  # the recorded step (muonq_hf.graphs), used with cuda_graph=True
         defaults = {**DEFAULTS, **options, "lr": lr}
         self.nonfinite = nonfinite
         self.skipped_steps = 0
@@ -111,6 +117,8 @@ class MuonQ(torch.optim.Optimizer):
         if not group["use_muon"] and group["adamw_lr"] is not None and "lr" not in param_group:
             param_group = {**param_group, "lr": group["adamw_lr"]}
         super().add_param_group(param_group)
+        if hasattr(self, "_graph"):  # a recorded step does not know the new parameters
+            self._graph.reset()
         for p in map(shaped, self.param_groups[-1]["params"]):  # ZeRO-3 partitioned: its own shape
             if group["use_muon"] and p.ndim < 2:
                 raise ValueError(
@@ -149,10 +157,19 @@ class MuonQ(torch.optim.Optimizer):
                 )
             self.skipped_steps += 1
             return loss
+        if self.cuda_graph and not backend.capturable:
+            raise GraphRefused(
+                f"MuonQ: cuda_graph=True records the step of one process (or of each replicated DDP rank); this "
+                f"optimizer's state is sharded ({type(backend).__name__}: FSDP2 or ddp_shard_state) or its momentum "
+                "stage is replaced, which it cannot record. Pass cuda_graph=False"
+            )
         # 2. a state written with other storage options is re-encoded first
         self._convert_if_options_changed()
-        # 3. momentum -> orthogonalize -> apply, each stage where the backend runs it
-        backend.step(tasks, self.state)
+        # 3. momentum -> orthogonalize -> apply, each stage where the backend runs it (recorded: muonq_hf.graphs)
+        if self.cuda_graph:
+            self._graph.step(lambda graph_tasks: backend.step(graph_tasks, self.state), tasks, self.state)
+        else:
+            backend.step(tasks, self.state)
         return loss
 
     def momentum_stage(
@@ -213,6 +230,7 @@ class MuonQ(torch.optim.Optimizer):
                     if torch.is_tensor(value) and self.state[p][key].dtype != value.dtype:
                         self.state[p][key] = value.to(device=self.state[p][key].device, copy=True)
         self.skipped_steps = int(state_dict.get("muonq", {}).get("skipped_steps", 0))
+        self._graph.reset()  # the recorded step read the tensors this load replaced
         # torch's loader put the saved options in the groups; options the checkpoint predates were their defaults
         saved = [{**self.defaults, **group} for group in self.param_groups]
         for g, group in enumerate(self.param_groups):

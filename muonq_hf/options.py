@@ -153,6 +153,7 @@ _TYPES: dict[str, str] = {
     "adamw_lr": "float|none",
     "seed": "int",
     "nonfinite": "str",
+    "cuda_graph": "bool",
     "split_qkv": "bool",
     "adamw_names": "patterns",  # ';'-separated name patterns moved to AdamW, e.g. classifier.*;score.*
     "muon_names": "patterns",  # ';'-separated name patterns moved to Muon
@@ -162,6 +163,7 @@ OPTIM_ARGS_DEFAULTS: dict[str, Any] = {
     **{k: v for k, v in ADAMW_DEFAULTS.items() if k in _TYPES},
     "seed": None,  # None: TrainingArguments.seed
     "nonfinite": "error",
+    "cuda_graph": False,
     "split_qkv": True,
     "adamw_names": "",
     "muon_names": "",

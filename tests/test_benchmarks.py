@@ -209,7 +209,7 @@ def test_gpu_check_runs_its_code_paths_on_cpu(tmp_path, one_thread, monkeypatch)
     main(["gpu", "--out", str(tmp_path), "--device", "cpu", "--quick"])
     report = json.loads((tmp_path / "gpu.json").read_text())
     assert set(report["checks"]) == {"codec_4bit", "newton_schulz_bf16", "optimizer_vs_cpu", "resume_bit_exact",
-                                     "adamw_8bit_codec", "host_syncs"}
+                                     "adamw_8bit_codec", "host_syncs", "cuda_graph_vs_eager"}
     assert all(r["ok"] for r in report["checks"].values()), report["checks"]
     assert report["checks"]["host_syncs"] == {"ok": True, "skipped": "no CUDA device"}
     launches = report["launches"]["gpt2-tiny"]["rows"]  # the peer left out here too; MuonQ's groups counted

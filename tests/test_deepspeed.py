@@ -348,6 +348,11 @@ def test_ddp_shard_state_refused():
         DeepSpeedMuonQ(param_groups(tiny_model()), ddp_shard_state=True)
 
 
+def test_cuda_graph_refused():
+    with pytest.raises(ValueError, match="cuda_graph=True is not supported under DeepSpeed ZeRO.*cuda_graph=False"):
+        DeepSpeedMuonQ(param_groups(tiny_model()), cuda_graph=True)
+
+
 def test_outside_zero_it_is_muonq():
     """With real parameters in its groups (no ZeRO), DeepSpeedMuonQ takes MuonQ's own step, bit for bit."""
     a, b = tiny_model(), tiny_model()

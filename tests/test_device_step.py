@@ -123,3 +123,50 @@ def test_the_harness_sees_a_sync_and_a_copy():
         torch.tensor([1.0, 2.0], device="meta")
         torch.ones(()).item()  # host data: not a sync
     assert len(t.reads) == 1 and len(t.copies) == 2, (t.reads, t.copies)
+
+
+class RecordedStep(HostTraffic):
+    """HostTraffic, plus the ops on host tensors other than the step counters: a CUDA graph would run them once,
+    while recording, and never again, so a recorded step must have none."""
+
+    def __init__(self, counters: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.counters = {c.untyped_storage().data_ptr() for c in counters}
+        self.host_ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs or {})) if torch.is_tensor(a)]
+        on_host = [a for a in tensors if a.device.type == "cpu"]
+        if (on_host and func is not aten._local_scalar_dense.default
+                and not any(a.untyped_storage().data_ptr() in self.counters for a in on_host)):
+            self.host_ops.append(f"{func.__name__} at {_caller()}")
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+@pytest.mark.parametrize("options", [{}, {"adamw_bits": 8, "weight_decay": 0.1}])
+def test_the_recorded_step_reads_nothing_copies_nothing_and_runs_nothing_on_the_host(eager, options):
+    """``cuda_graph=True`` on the meta device: the function a CUDA graph records (the third step) reads no device
+    value, copies nothing between host and device and runs no op on a host tensor but the step counters."""
+    from muonq_hf.graphs import StepGraph
+
+    model = gpt2()
+    opt = MuonQ(param_groups(model), lr=0.02, cuda_graph=True, **options)
+    seen: list[RecordedStep] = []
+
+    def capture(fn):  # noqa: ANN001, ANN202
+        with RecordedStep(opt._graph.counters) as watch:
+            fn()
+        seen.append(watch)
+        return lambda: None
+
+    opt._graph = StepGraph(capture, device_type="meta")
+    for _ in range(3):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        with HostTraffic():  # answers the non-finite decision (meta tensors hold no values)
+            opt.step()
+    assert opt._graph.recordings == 1 and len(seen) == 1
+    watch = seen[0]
+    assert watch.reads == [], f"host reads of device values while recording: {watch.reads}"
+    assert watch.copies == [], f"host<->device copies while recording: {watch.copies}"
+    assert watch.host_ops == [], f"ops on host tensors while recording: {watch.host_ops[:5]}"

@@ -121,6 +121,12 @@ def test_tensor_parallel_placements_refused(world):
     assert err is not None and "Shard(dim=1)" in err and "fully_shard" in err, err
 
 
+def test_cuda_graph_refused_under_fsdp2(world):
+    err = world[0]["graph_error"]
+    assert err is not None and "cuda_graph=True records the step of one process" in err and "FSDP2Backend" in err, err
+    assert world[0]["graph_refusal_changed_nothing"]
+
+
 def test_nonfinite_gradient_on_one_rank_stops_all_ranks(world):
     assert world[0]["nonfinite_raised_all_ranks"]
 

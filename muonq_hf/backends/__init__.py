@@ -33,6 +33,7 @@ class Backend(Protocol):
     """Where the stages of a step run; see the module docstring."""
 
     sharded: bool
+    capturable: bool  # a CUDA graph can record its step (muonq_hf.graphs)
 
     def all_finite(self, grads: list[torch.Tensor]) -> bool: ...
 

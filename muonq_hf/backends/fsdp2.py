@@ -146,6 +146,7 @@ class FSDP2Backend:
     """One MuonQ step over DTensor (FSDP2) parameters; plain parameters in the same optimizer run whole."""
 
     sharded = True
+    capturable = False  # rows exchanged with collectives at each step: no recorded step (muonq_hf.graphs)
 
     def __init__(self, momentum: MomentumStage) -> None:
         self.momentum = momentum

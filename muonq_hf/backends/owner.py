@@ -51,6 +51,8 @@ class OwnerBackend:
         self.batch = batch  # gradient elements of a shape group (common.muon_groups); None: by device; 0: one each
         self.grouped = grouped  # False: a replaced momentum stage (a baseline), run parameter by parameter
         self.banks = BankCache()  # the shape groups' stacked states (muonq_hf.banks)
+        # a CUDA graph can record this step (muonq_hf.graphs): nothing is sent, every matrix goes through the banks
+        self.capturable = not self.sharded and grouped
 
     @classmethod
     def ddp(

@@ -185,6 +185,17 @@ def main() -> None:
     dist.all_reduce(flags)
     res["nonfinite_raised_all_ranks"] = int(flags) == world
 
+    model, opt = fsdp("muonq")
+    opt.cuda_graph = True  # a recorded step cannot exchange rows between ranks: refused before anything changes
+    model(torch.zeros(2, 3, dtype=torch.long))[1].sum().backward()
+    before = model.fc1.weight.to_local().clone()
+    try:
+        opt.step()
+        res["graph_error"] = None
+    except ValueError as e:
+        res["graph_error"] = str(e)
+    res["graph_refusal_changed_nothing"] = torch.equal(model.fc1.weight.to_local(), before)
+
     mesh = model.fc1.weight.device_mesh
     tp = torch.nn.Parameter(distribute_tensor(torch.randn(8, 6), mesh, [Shard(1)]))
     tp.grad = distribute_tensor(torch.randn(8, 6), mesh, [Shard(1)])
