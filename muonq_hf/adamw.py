@@ -8,6 +8,8 @@ The step runs in chunks of rows (``CHUNK_ELEMENTS``): 8-bit moments are decoded,
 chunk by chunk (the codec's blocks run along rows, so a chunk's codes are exactly those of the whole tensor),
 fp32 moments are updated through row views. The step's extra memory is a few fp32 copies of one chunk instead
 of the whole tensor (a 525M-element embedding + head would otherwise decode into 4 GB of fp32 temporaries).
+An 8-bit chunk is one fused call (``_quantized_update``): compiled, decode, update and encode are one or two
+kernels and the decoded moments never leave them.
 """
 
 from __future__ import annotations

@@ -55,8 +55,11 @@ class MuonQ(torch.optim.Optimizer):
         state across DDP ranks (ZeRO-1), which makes ``state_dict()`` a collective call.
       * ``batch_elements``: same-shape matrices of different parameters (the layers of a model) step together,
         one kernel per operation for all of them, up to this many gradient elements per batch; the values are
-        those of one-by-one steps. None (default): 2^23 on CUDA, off on CPU (``backends.common.BATCH_ELEMENTS``);
+        those of one-by-one steps. None (default): 2^23 on CUDA, 2^21 elsewhere (``backends.common.BATCH_ELEMENTS``);
         0: one matrix at a time. One process and DDP; FSDP2 and DeepSpeed step matrix by matrix.
+      * ``cuda_graph=True``: the step's device work is recorded once as a CUDA graph and replayed
+        (``muonq_hf.graphs``); lr may change every step, other changes record again. One process and
+        replicated DDP on CUDA.
     """
 
     def __init__(
@@ -83,8 +86,8 @@ class MuonQ(torch.optim.Optimizer):
         if batch_elements is not None and (type(batch_elements) is not int or batch_elements < 0):
             raise ValueError(
                 f"MuonQ: batch_elements={batch_elements!r} is not allowed; it must be None (the device's default: "
-                "batches on CUDA, none on CPU), 0 (one matrix at a time) or a positive int (gradient elements per "
-                "batch of same-shape matrices stepped together)"
+                "2^23 gradient elements per group on CUDA, 2^21 elsewhere), 0 (one matrix at a time) or a positive int "
+                "(gradient elements per batch of same-shape matrices stepped together)"
             )
         if not isinstance(cuda_graph, bool):
             raise ValueError(f"MuonQ: cuda_graph={cuda_graph!r} is not allowed; it must be True or False")

@@ -13,6 +13,7 @@ LAYERS = [
     {"momentum", "adamw"},
     {"checkpoint", "memory"},
     {"backends", "backends.common", "backends.owner", "backends.fsdp2"},
+    {"graphs"},
     {"optimizer"},
     {"deepspeed", "deepspeed_checkpoint", "grouping", "plan", "hf", "run"},
 ]
