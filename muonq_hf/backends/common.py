@@ -184,8 +184,9 @@ def global_rank(group: Any, rank: int) -> int:
 
 
 def all_finite(grads: Iterable[torch.Tensor], group: Any = None, agree: bool = False) -> bool:
-    """Whether every gradient (local shards of DTensors) is finite; with ``agree`` the ranks of ``group`` take
-    the same decision (an all-reduce), so a non-finite value on one rank raises or skips on all of them."""
+    """Whether every gradient (local shards of DTensors) is finite; with ``agree`` the ranks of ``group`` (or of
+    each group of a list in turn: the dims of a 2-D mesh) take the same decision, so a non-finite value on one
+    rank raises or skips on all of them."""
     local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
     # the max norm propagates inf and nan: one foreach reduction for every gradient (one launch per dtype on a GPU;
     # isfinite would write a mask of each first), then one test of the k maxima
@@ -194,7 +195,8 @@ def all_finite(grads: Iterable[torch.Tensor], group: Any = None, agree: bool = F
     ok = torch.isfinite(torch.stack(maxima)).all() if maxima else torch.tensor(True)
     if agree and dist.is_available() and dist.is_initialized():
         ok = ok.to(torch.int32).reshape(1)
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
+        for g in group if isinstance(group, list) else [group]:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=g)
     return bool(ok.item())
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,9 +50,9 @@ from .common import (
 )
 
 try:
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # torch built without distributed support
-    DTensor = Shard = None  # type: ignore[assignment,misc]
+    DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
 
 States = MutableMapping[torch.Tensor, dict]
 
@@ -71,13 +72,32 @@ def check_parameter(p: torch.Tensor) -> None:
         )
     if not is_dtensor(p):
         return
-    if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+    placements = tuple(p.placements)
+    if placements not in ((Shard(0),), (Replicate(), Shard(0))):
         raise ValueError(
-            f"MuonQ supports DTensor parameters sharded on dim 0 over a 1-D mesh (FSDP2 fully_shard), got "
-            f"placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh for a parameter of shape "
-            f"{tuple(p.shape)}: tensor-parallel (Shard(d>0), Replicate) and HSDP layouts are not supported. "
-            "Use FSDP2 fully_shard on a 1-D mesh, or plain DDP (optionally MuonQ(ddp_shard_state=True))"
+            f"MuonQ supports DTensor parameters sharded on dim 0 (FSDP2 fully_shard on a 1-D mesh, or HSDP: "
+            f"(Replicate(), Shard(0)) on a 2-D mesh), got placements {placements} on a {p.device_mesh.ndim}-D mesh "
+            f"for a parameter of shape {tuple(p.shape)}: tensor-parallel layouts (Shard(d>0), _StridedShard, "
+            "Replicate alone) are not supported. Use FSDP2 or HSDP, or plain DDP (optionally "
+            "MuonQ(ddp_shard_state=True))"
         )
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """The ranks that share a parameter's rows (its mesh's Shard(0) dim): their process group, how many they are
+    and this rank's place among them. Under HSDP each replica group is one such group: the rows, the state and
+    every Newton-Schulz stay inside it (docs/design.md, "HSDP")."""
+
+    group: Any
+    size: int
+    rank: int
+
+
+def row_group(p: torch.Tensor) -> RowGroup:
+    """The row group of DTensor ``p`` (placements (Shard(0),) or (Replicate(), Shard(0)))."""
+    mesh, dim = p.device_mesh, len(p.placements) - 1  # Shard(0) is the last placement
+    return RowGroup(mesh.get_group(dim), mesh.size(dim), mesh.get_local_rank(dim))
 
 
 def check_fsdp_plugin(fsdp_plugin: Any) -> None:
@@ -152,8 +172,9 @@ class FSDP2Backend:
         self.momentum = momentum
 
     def all_finite(self, grads: list[torch.Tensor]) -> bool:
-        group = next((g.device_mesh.get_group() for g in grads if is_dtensor(g)), None)
-        return all_finite(grads, group, agree=True)
+        mesh = next((g.device_mesh for g in grads if is_dtensor(g)), None)
+        groups = [mesh.get_group(d) for d in range(mesh.ndim)] if mesh is not None else [None]
+        return all_finite(grads, groups, agree=True)  # every rank of the mesh: each of its dims in turn
 
     def step(self, tasks: list[Task], states: States) -> None:
         by_mesh: dict[Any, list[tuple[Task, MatrixPlan]]] = {}  # 2-D matrices: row-sharded, NS on an owner
@@ -168,15 +189,16 @@ class FSDP2Backend:
             elif (plan := plan_of(p, group)).stacked:
                 self._experts(task, plan, states[p])
             else:
-                by_mesh.setdefault(p.device_mesh, []).append((task, plan))
-        for mesh, matrices in by_mesh.items():
-            self._matrices(mesh, matrices, states)
+                by_mesh.setdefault((p.device_mesh, len(p.placements)), []).append((task, plan))
+        for matrices in by_mesh.values():
+            self._matrices(row_group(matrices[0][0].param), matrices, states)
 
     @staticmethod
     def _adamw(task: Task, state: dict) -> None:
         """AdamW is elementwise: run it on the local shard; every state tensor but the step count is row-sharded."""
         p, group = task.param, task.group
-        start, count = row_ranges(p.shape[0], p.device_mesh.size())[p.device_mesh.get_local_rank()]
+        rows = row_group(p)
+        start, count = row_ranges(p.shape[0], rows.size)[rows.rank]
         quantized = adamw_quantized(tuple(p.shape), group)  # the global shape decides, as in one process
         with _local_state(state, p, start, count, _every_entry) as local:
             adamw_step(p.to_local(), p.grad.to_local(), local, group, quantized)
@@ -189,17 +211,18 @@ class FSDP2Backend:
                 f"MuonQ under FSDP2: a grouped conv weight (experts={group['experts']}, shape {tuple(p.shape)}) is "
                 "not supported: its row shards cut through groups. Put it in an AdamW group or train without FSDP2"
             )
-        mesh = p.device_mesh
-        first, count = row_ranges(p.shape[0], mesh.size())[mesh.get_local_rank()]
+        rows = row_group(p)
+        first, count = row_ranges(p.shape[0], rows.size)[rows.rank]
         G = plan.view(p.grad.to_local().float())  # (count, m, n): this rank's experts
         with _local_state(state, p, first, count, _every_entry) as local:
             X = self.momentum(plan, G, local, group, task.index, experts=(first, p.shape[0]))
         update = orthogonalized_update(plan, X, group)
         apply_update(p.to_local(), update, group["lr"], group["weight_decay"])  # the local shard shares p's storage
 
-    def _matrices(self, mesh: Any, matrices: list[tuple[Task, MatrixPlan]], states: States) -> None:
-        """Row-sharded 2-D matrices of one mesh: momentum on local rows, then NS round by round on the owners."""
-        pg, world, rank = mesh.get_group(), mesh.size(), mesh.get_local_rank()
+    def _matrices(self, rows: RowGroup, matrices: list[tuple[Task, MatrixPlan]], states: States) -> None:
+        """Row-sharded 2-D matrices of one row group: momentum on local rows, then NS round by round on the owners
+        (under HSDP in each replica group alike)."""
+        pg, world, rank = rows.group, rows.size, rows.rank
         owners = assign_owners([plan.m * plan.n * min(plan.m, plan.n) for _, plan in matrices], world)  # NS flops
         for round_ in rounds(owners):
             shards = []

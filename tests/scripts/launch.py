@@ -1,4 +1,4 @@
-"""The one 2-rank launcher of the test suite: ``torchrun --nproc_per_node 2`` on CPU (gloo), with a free port,
+"""The launcher of the test suite's worlds: ``torchrun --nproc_per_node 2`` (or 4) on CPU (gloo), with a free port,
 one thread per rank and ``tests/scripts`` importable; a failure shows the workers' output."""
 
 from __future__ import annotations
@@ -26,8 +26,13 @@ def worker_env(**extra: str) -> dict[str, str]:
 
 def torchrun_two(*program: str, env: dict[str, str] | None = None, timeout: int = 600) -> None:
     """``torchrun --nproc_per_node 2 --master_port PORT *program``: a script and its arguments, or ``-m module``."""
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), *program]
+    torchrun(2, *program, env=env, timeout=timeout)
+
+
+def torchrun(ranks: int, *program: str, env: dict[str, str] | None = None, timeout: int = 600) -> None:
+    """``torchrun --nproc_per_node RANKS --master_port PORT *program``."""
+    launcher = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [launcher, "--nproc_per_node", str(ranks), "--master_port", str(free_port()), *program]
     proc = subprocess.run(cmd, env=env or worker_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
 
@@ -57,3 +62,8 @@ def exit_after_results() -> None:
 def run_two_ranks(script: str, *args: str, env: dict[str, str] | None = None) -> None:
     """A worker of tests/scripts on 2 ranks."""
     torchrun_two(os.path.join(SCRIPTS, script), *args, env=env)
+
+
+def run_ranks(ranks: int, script: str, *args: str, env: dict[str, str] | None = None) -> None:
+    """A worker of tests/scripts on ``ranks`` ranks (4: the 2 x 2 meshes of tests/test_hsdp.py)."""
+    torchrun(ranks, os.path.join(SCRIPTS, script), *args, env=env)
