@@ -13,7 +13,7 @@ COMMANDS = """```bash
 make bench                                   # = .venv/bin/python -m benchmarks all: memory, speed, peak,
                                              #   quality summary of the cached runs, report (15-20 min, 2 cores)
 .venv/bin/python -m benchmarks memory        # results/memory.json (seconds)
-.venv/bin/python -m benchmarks launches      # results/launches.json: kernels per step, GPU proxy (a minute)
+.venv/bin/python -m benchmarks launches      # results/launches.json: kernels per step, GPU proxy (8 min on AVX2)
 .venv/bin/python -m benchmarks speed --shape gpt2-24x64 --rounds 5   # results/speed_gpt2-24x64.json: launch-bound
 .venv/bin/python -m benchmarks speed         # results/speed.json (CPU, 1 thread, 2 warm-up + 9 timed steps per row)
 git clone https://github.com/YupengSu/MuonQ ../MuonQ-paper   # the paper's code, for its speed row (not vendored)
