@@ -75,3 +75,28 @@ def test_a_nonfinite_gradient_on_one_rank_stops_all_four(world):
 def test_tensor_parallel_placements_are_refused_by_name(world):
     err = world["tp_error"]
     assert err is not None and "Shard(dim=1)" in err and "tensor-parallel" in err, err
+
+
+@pytest.fixture(scope="module", params=["parallelism_config", "accelerate_yaml"])
+def trainer_world(request, tmp_path_factory):
+    """The HF Trainer with --optim muonq on 4 ranks as HSDP 2 x 2: from TrainingArguments(parallelism_config=...)
+    under torchrun, and from examples/accelerate/hsdp.yaml under accelerate launch."""
+    from launch import ROOT, accelerate_launch, worker_env
+
+    out = tmp_path_factory.mktemp(request.param)
+    env = worker_env(FSDP_OUT=str(out))
+    if request.param == "parallelism_config":
+        run_ranks(4, "hsdp_trainer_worker.py", env=env)
+    else:
+        accelerate_launch(str(Path(ROOT) / "examples" / "accelerate" / "hsdp.yaml"),
+                          str(Path(__file__).parent / "scripts" / "hsdp_trainer_worker.py"), "--from-env", env=env)
+    return [json.loads((out / f"trainer_rank{rank}.json").read_text())["SHARDED_STATE_DICT"] for rank in range(4)]
+
+
+def test_trainer_hsdp_trains_and_resumes_bit_exactly(trainer_world):
+    for r in trainer_world:
+        assert r["is_fsdp_enabled"] and r["fsdp_version"] == 2 and r["is_muonq"], r  # no silent DDP
+        assert r["placements"] == ["(Replicate(), Shard(dim=0))"], r["placements"]  # HSDP, not FSDP over 4
+        assert r["muon_params"] == 8 and r["muon_params_dtensor"] and r["muon_codes_dtensor"], r
+        assert len(r["losses"]) == 4 and all(torch.isfinite(torch.tensor(r["losses"]))), r
+        assert r["resumed_equal"], r["resumed_max_diff"]
