@@ -1,6 +1,6 @@
-"""HSDP: FSDP2 on a 2 x 2 mesh (Replicate(), Shard(0)), the layout of multi-node FSDP2 (Accelerate's
-dp_replicate_size x dp_shard_size). One `torchrun --nproc_per_node 4` world (gloo, CPU) runs
-tests/scripts/hsdp_worker.py; each test asserts on its results.
+"""2-D meshes: HSDP, FSDP2 on a 2 x 2 mesh (Replicate(), Shard(0)), the layout of multi-node FSDP2 (Accelerate's
+dp_replicate_size x dp_shard_size), and tensor parallel on a (dp, tp) mesh. One `torchrun --nproc_per_node 4`
+world (gloo, CPU) runs tests/scripts/hsdp_worker.py; each test asserts on its results.
 
 Under HSDP each replica group (the 2 ranks of one replica) is an FSDP2 world of its own: the rows, the state and
 every Newton-Schulz stay inside it, and the replicas, which reduce their gradients together, hold the same state.
@@ -72,9 +72,26 @@ def test_a_nonfinite_gradient_on_one_rank_stops_all_four(world):
     assert world["nonfinite_raised_ranks"] == 4, world["nonfinite_raised_ranks"]
 
 
-def test_tensor_parallel_placements_are_refused_by_name(world):
-    err = world["tp_error"]
-    assert err is not None and "Shard(dim=1)" in err and "tensor-parallel" in err, err
+@pytest.mark.parametrize("config", ["muon32", "muonq"])
+def test_dp2_x_tp2_matches_one_process(world, config):
+    """Tensor parallel (colwise up and fused QKV, rowwise down) on a 2 x 2 (dp, tp) mesh, then fully_shard on dp:
+    the whole matrix meets Newton-Schulz, the fused QKV is still cut into q, k and v, and the weights end within
+    1e-5 of one process (fp32 NS). The TP'd matrices' state is split over all 4 ranks, the others' over dp."""
+    res = world[f"tp_{config}"]
+    placements = res["placements"]
+    assert placements["qkv.weight"] == "(_StridedShard(dim=0, sf=2), Shard(dim=0))", placements
+    assert placements["down.weight"] == "(Shard(dim=0), Shard(dim=1))", placements
+    losses, ref = torch.tensor(res["losses"]), torch.tensor(res["ref_losses"])
+    assert torch.allclose(losses, ref, rtol=TOL, atol=0), (losses, ref)
+    assert res["weights_rel_diff"] < TOL, res["weights_rel_diff"]
+    assert res["momentum_rel_diff"] < TOL, res["momentum_rel_diff"]
+    for rank, local in enumerate(res["muon_bytes_rank"]):
+        share = local / res["muon_bytes_single"]
+        assert 0.15 < share < 0.45, f"rank {rank} holds {share:.2f} of the one-process Muon state"
+
+
+def test_dcp_checkpoint_of_dp_x_tp_loads_in_one_process(world):
+    assert world["tp_to_1_momenta_difference"] is None, world["tp_to_1_momenta_difference"]
 
 
 @pytest.fixture(scope="module", params=["parallelism_config", "accelerate_yaml"])

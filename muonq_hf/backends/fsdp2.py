@@ -1,5 +1,13 @@
-"""FSDP2 (``fully_shard``: parameters are DTensors ``Shard(0)`` on a 1-D mesh): row-sharded state, one
-Newton-Schulz per matrix in the world.
+"""DTensor parameters: FSDP2 (``fully_shard``, ``Shard(0)`` on a 1-D mesh), HSDP (``(Replicate(), Shard(0))``) and
+tensor-parallel layouts: row-sharded state, one Newton-Schulz per matrix in each row group.
+
+Layouts (``row_group``): under FSDP2 the rows of a matrix are shared by the mesh's ranks; under HSDP by the
+ranks of the shard dim, each replica group stepping alike. Any other layout (tensor parallel's colwise
+``(_StridedShard(0), Shard(0))`` or rowwise ``(Shard(0), Shard(1))`` after ``fully_shard`` on the dp dim, a
+column-sharded matrix on one dim) is *gathered*: the whole gradient is gathered (``full_tensor``), its rows are
+split over all ranks of the mesh as under FSDP2 (the state a ``Shard(0)`` DTensor on the flattened mesh), and
+the update is gathered again and cut to the weight's own layout. The matrix plan holds in every layout: a
+colwise-sharded fused QKV is still cut into q, k and v.
 
 Each rank keeps the state of its own rows only (docs/design.md, "State layout"): row entries of the
 ``QuantizedMomentum`` are DTensors with the parameter's mesh and placements (built with the global shape, so
@@ -50,9 +58,9 @@ from .common import (
 )
 
 try:
-    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 except ImportError:  # torch built without distributed support
-    DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
+    DTensor = Replicate = Shard = distribute_tensor = None  # type: ignore[assignment,misc]
 
 States = MutableMapping[torch.Tensor, dict]
 
@@ -63,7 +71,8 @@ def is_dtensor(t: Any) -> bool:
 
 # ------------------------------------------------------------------------------------------- refusals
 def check_parameter(p: torch.Tensor) -> None:
-    """Refuse layouts the row-sharded state cannot follow: FSDP1 flat parameters, TP and multi-dim meshes."""
+    """Refuse layouts the row-sharded state cannot follow: FSDP1 flat parameters and pending reductions
+    (``Partial``)."""
     if getattr(p, "_is_flat_param", False) or type(p).__name__ == "FlatParameter":
         raise ValueError(
             "MuonQ does not support FSDP1 (FullyShardedDataParallel flat parameters): Newton-Schulz needs each "
@@ -72,32 +81,55 @@ def check_parameter(p: torch.Tensor) -> None:
         )
     if not is_dtensor(p):
         return
-    placements = tuple(p.placements)
-    if placements not in ((Shard(0),), (Replicate(), Shard(0))):
+    bad = [pl for pl in p.placements if pl.is_partial()]
+    if bad:
         raise ValueError(
-            f"MuonQ supports DTensor parameters sharded on dim 0 (FSDP2 fully_shard on a 1-D mesh, or HSDP: "
-            f"(Replicate(), Shard(0)) on a 2-D mesh), got placements {placements} on a {p.device_mesh.ndim}-D mesh "
-            f"for a parameter of shape {tuple(p.shape)}: tensor-parallel layouts (Shard(d>0), _StridedShard, "
-            "Replicate alone) are not supported. Use FSDP2 or HSDP, or plain DDP (optionally "
-            "MuonQ(ddp_shard_state=True))"
+            f"MuonQ supports DTensor parameters that are sharded or replicated on each mesh dim (FSDP2, HSDP, "
+            f"tensor parallel), got placements {tuple(p.placements)} for a parameter of shape {tuple(p.shape)}: "
+            f"{bad[0]} is a pending reduction, not a parameter's layout"
         )
 
 
 @dataclass(frozen=True)
 class RowGroup:
-    """The ranks that share a parameter's rows (its mesh's Shard(0) dim): their process group, how many they are
-    and this rank's place among them. Under HSDP each replica group is one such group: the rows, the state and
-    every Newton-Schulz stay inside it (docs/design.md, "HSDP")."""
+    """The ranks that share a Muon matrix's rows and how its row-sharded state is laid out.
+
+    FSDP2 (``(Shard(0),)``) and HSDP (``(Replicate(), Shard(0))``): the ranks of the mesh's Shard(0) dim, the state
+    laid out like the weight; under HSDP each replica group is one such group (docs/design.md, "Backends").
+    Any other layout (tensor parallel: ``(_StridedShard(0), Shard(0))`` of a colwise weight, ``(Shard(0), Shard(1))``
+    of a rowwise one, ...) is ``gathered``: the gradient is gathered whole, the rows of the momentum step and its
+    state are split over all ranks of the mesh (a flattened 1-D mesh, ``Shard(0)``), and the update is gathered
+    back and cut to the weight's own layout."""
 
     group: Any
     size: int
     rank: int
+    mesh: Any  # the mesh and placements of the row-sharded state entries
+    placements: tuple
+    gathered: bool
 
 
 def row_group(p: torch.Tensor) -> RowGroup:
-    """The row group of DTensor ``p`` (placements (Shard(0),) or (Replicate(), Shard(0)))."""
-    mesh, dim = p.device_mesh, len(p.placements) - 1  # Shard(0) is the last placement
-    return RowGroup(mesh.get_group(dim), mesh.size(dim), mesh.get_local_rank(dim))
+    """The row group of DTensor ``p``."""
+    mesh, placements = p.device_mesh, tuple(p.placements)
+    if placements in ((Shard(0),), (Replicate(), Shard(0))):
+        dim = len(placements) - 1
+        return RowGroup(mesh.get_group(dim), mesh.size(dim), mesh.get_local_rank(dim), mesh, placements, False)
+    flat = _flattened(mesh)
+    return RowGroup(flat.get_group(), flat.size(), flat.get_local_rank(), flat, (Shard(0),), True)
+
+
+_FLATTENED: dict[Any, Any] = {}
+
+
+def _flattened(mesh: Any) -> Any:
+    """``mesh`` as a 1-D mesh over all its ranks (made once per mesh: a process group, created by every rank)."""
+    if mesh.ndim == 1:
+        return mesh
+    if mesh not in _FLATTENED:
+        names = mesh.mesh_dim_names
+        _FLATTENED[mesh] = mesh._flatten("_".join(names) if names else None)
+    return _FLATTENED[mesh]
 
 
 def check_fsdp_plugin(fsdp_plugin: Any) -> None:
@@ -128,37 +160,65 @@ def check_model(model: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------- local views
-def _wrap_rows(local: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """A local row shard -> DTensor with p's mesh and placements and the global shape (m, *local.shape[1:])."""
-    shape = (p.shape[0], *local.shape[1:])
-    stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
-    return DTensor.from_local(
-        local.contiguous(), p.device_mesh, p.placements, run_check=False, shape=torch.Size(shape), stride=stride
-    )
+@dataclass(frozen=True)
+class Layout:
+    """How the sharded entries of one state are laid out: on ``mesh`` with ``placements``, each entry's global
+    shape that of ``like`` where its local shape is ``like``'s local one, else (``rows``, its own other dims):
+    row entries (codes, P, 8-bit absmax) sharded on dim 0 only."""
+
+    mesh: Any
+    placements: tuple
+    rows: int
+    local_shape: tuple = ()
+    global_shape: tuple = ()
+
+    def wrap(self, local: torch.Tensor) -> torch.Tensor:
+        """A local shard -> DTensor with the global shape."""
+        same = tuple(local.shape) == self.local_shape
+        shape = self.global_shape if same else (self.rows, *local.shape[1:])
+        stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
+        return DTensor.from_local(
+            local.contiguous(), self.mesh, self.placements, run_check=False, shape=torch.Size(shape), stride=stride
+        )
+
+    def local(self, value: torch.Tensor) -> torch.Tensor:
+        """This rank's part of an entry: its DTensor shard, or the shard of a whole plain tensor (a loaded state)."""
+        if is_dtensor(value):
+            return value.to_local()
+        if value.ndim == 0 or value.size(0) != self.rows:
+            return value  # replicated: per-matrix scales, R
+        return distribute_tensor(value, self.mesh, self.placements, src_data_rank=None).to_local()
 
 
-def _local_rows(value: torch.Tensor, start: int, count: int, m: int) -> torch.Tensor:
-    """The local rows of a row-sharded state entry: its DTensor shard, or a slice of a full plain tensor."""
-    if is_dtensor(value):
-        return value.to_local()
-    return value[start : start + count] if value.size(0) == m else value
+def param_layout(p: torch.Tensor) -> Layout:
+    """The layout of an AdamW or expert state: ``p``'s own."""
+    return Layout(p.device_mesh, tuple(p.placements), p.shape[0], tuple(p.to_local().shape), tuple(p.shape))
 
 
 @contextmanager
-def _local_state(
-    state: dict, p: torch.Tensor, start: int, count: int, sharded: Callable[[str], bool]
-) -> Iterator[dict]:
-    """This rank's view of ``state``: the entries sharded like ``p`` (``sharded(key)``, never the step count) as
-    its rows [start, start + count); on exit every such entry, new ones included, goes back as a DTensor."""
+def _local_state(state: dict, layout: Layout, sharded: Callable[[str], bool]) -> Iterator[dict]:
+    """This rank's view of ``state``: the entries sharded by ``layout`` (``sharded(key)``, never the step count) as
+    local tensors; on exit every such entry, new ones included, goes back as a DTensor."""
     is_sharded = lambda key, value: key != "step" and sharded(key)  # noqa: E731
-    local = {k: _local_rows(v, start, count, p.shape[0]) if is_sharded(k, v) else v for k, v in state.items()}
+    local = {k: layout.local(v) if is_sharded(k, v) else v for k, v in state.items()}
     yield local
     for key, value in local.items():
-        state[key] = _wrap_rows(value, p) if is_sharded(key, value) else value
+        state[key] = layout.wrap(value) if is_sharded(key, value) else value
 
 
 def _every_entry(key: str) -> bool:
     return True
+
+
+def _whole_rows(rows: torch.Tensor, m: int, group: Any, world: int) -> torch.Tensor:
+    """The (m, n) matrix whose row shards (``row_ranges(m, world)``) the ranks of ``group`` hold: one all-gather
+    of the padded shards."""
+    chunk = -(-m // world)
+    padded = rows.new_zeros(chunk, rows.size(-1))
+    padded[: rows.size(0)] = rows
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat(parts)[:m]
 
 
 # ------------------------------------------------------------------------------------------ backend
@@ -177,7 +237,7 @@ class FSDP2Backend:
         return all_finite(grads, groups, agree=True)  # every rank of the mesh: each of its dims in turn
 
     def step(self, tasks: list[Task], states: States) -> None:
-        by_mesh: dict[Any, list[tuple[Task, MatrixPlan]]] = {}  # 2-D matrices: row-sharded, NS on an owner
+        by_rows: dict[RowGroup, list[tuple[Task, MatrixPlan]]] = {}  # 2-D matrices: row-sharded, NS on an owner
         for task in tasks:
             p, group = task.param, task.group
             if p.grad is None:
@@ -189,18 +249,23 @@ class FSDP2Backend:
             elif (plan := plan_of(p, group)).stacked:
                 self._experts(task, plan, states[p])
             else:
-                by_mesh.setdefault((p.device_mesh, len(p.placements)), []).append((task, plan))
-        for matrices in by_mesh.values():
-            self._matrices(row_group(matrices[0][0].param), matrices, states)
+                by_rows.setdefault(row_group(p), []).append((task, plan))
+        for rows, matrices in by_rows.items():
+            self._matrices(rows, matrices, states)
 
     @staticmethod
     def _adamw(task: Task, state: dict) -> None:
-        """AdamW is elementwise: run it on the local shard; every state tensor but the step count is row-sharded."""
+        """AdamW is elementwise: run it on the local shard; every state tensor but the step count is laid out like
+        the weight."""
         p, group = task.param, task.group
-        rows = row_group(p)
-        start, count = row_ranges(p.shape[0], rows.size)[rows.rank]
         quantized = adamw_quantized(tuple(p.shape), group)  # the global shape decides, as in one process
-        with _local_state(state, p, start, count, _every_entry) as local:
+        if quantized and any(not pl.is_replicate() and getattr(pl, "dim", 0) != 0 for pl in p.placements):
+            raise ValueError(
+                f"MuonQ: adamw_bits=8 needs the rows of a parameter whole on each rank (its blocks run along rows), "
+                f"got placements {tuple(p.placements)} for shape {tuple(p.shape)}; put it in a group with "
+                "adamw_bits=32"
+            )
+        with _local_state(state, param_layout(p), _every_entry) as local:
             adamw_step(p.to_local(), p.grad.to_local(), local, group, quantized)
 
     def _experts(self, task: Task, plan: MatrixPlan, state: dict) -> None:
@@ -212,16 +277,22 @@ class FSDP2Backend:
                 "not supported: its row shards cut through groups. Put it in an AdamW group or train without FSDP2"
             )
         rows = row_group(p)
+        if rows.gathered:
+            raise ValueError(
+                f"MuonQ: stacked experts (shape {tuple(p.shape)}) with placements {tuple(p.placements)} are not "
+                "supported: a rank must hold whole experts (FSDP2 or HSDP Shard(0) on the expert dim)"
+            )
         first, count = row_ranges(p.shape[0], rows.size)[rows.rank]
         G = plan.view(p.grad.to_local().float())  # (count, m, n): this rank's experts
-        with _local_state(state, p, first, count, _every_entry) as local:
+        with _local_state(state, param_layout(p), _every_entry) as local:
             X = self.momentum(plan, G, local, group, task.index, experts=(first, p.shape[0]))
         update = orthogonalized_update(plan, X, group)
         apply_update(p.to_local(), update, group["lr"], group["weight_decay"])  # the local shard shares p's storage
 
     def _matrices(self, rows: RowGroup, matrices: list[tuple[Task, MatrixPlan]], states: States) -> None:
         """Row-sharded 2-D matrices of one row group: momentum on local rows, then NS round by round on the owners
-        (under HSDP in each replica group alike)."""
+        (under HSDP in each replica group alike). Gathered layouts (tensor parallel) take their rows from the
+        whole gradient and give the update back in the weight's own layout."""
         pg, world, rank = rows.group, rows.size, rows.rank
         owners = assign_owners([plan.m * plan.n * min(plan.m, plan.n) for _, plan in matrices], world)  # NS flops
         for round_ in rounds(owners):
@@ -230,9 +301,11 @@ class FSDP2Backend:
                 task, plan = matrices[i]
                 p, group = task.param, task.group
                 start, count = row_ranges(plan.m, world)[rank]
-                layout = QuantizedMomentum(plan, group)
-                G = p.grad.to_local().float().reshape(1, count, plan.n)  # (1, count, n): this rank's rows
-                with _local_state(states[p], p, start, count, layout.is_row) as local:
+                momentum = QuantizedMomentum(plan, group)
+                grad = p.grad.full_tensor()[start : start + count] if rows.gathered else p.grad.to_local()
+                G = grad.float().reshape(1, count, plan.n)  # (1, count, n): this rank's rows
+                layout = Layout(rows.mesh, rows.placements, plan.m)
+                with _local_state(states[p], layout, momentum.is_row) as local:
                     X = self.momentum(
                         plan, G, local, group, task.index, start=start, count=count,
                         row_sum=all_reduce(dist.ReduceOp.SUM, pg), row_max=all_reduce(dist.ReduceOp.MAX, pg),
@@ -241,8 +314,12 @@ class FSDP2Backend:
                 shards.append(RowShard(plan, group, owners[i], count, -(-plan.m // world), X))
             updates = orthogonalize_on_owners(shards, pg, world, rank)
             for i, update in zip(round_, updates, strict=True):
-                task = matrices[i][0]
-                apply_update(task.param.to_local(), update, task.group["lr"], task.group["weight_decay"])
+                task, plan = matrices[i]
+                p = task.param
+                if rows.gathered:  # the whole update, then this rank's block of the weight's own layout
+                    update = _whole_rows(update, plan.m, pg, world)
+                    update = distribute_tensor(update, p.device_mesh, p.placements, src_data_rank=None).to_local()
+                apply_update(p.to_local(), update, task.group["lr"], task.group["weight_decay"])
 
     # -------------------------------------------------------------------------------- checkpoints
     @contextmanager

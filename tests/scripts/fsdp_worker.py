@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
 
 import muonq_hf.backends.fsdp2 as fsdp2_backend
 from muonq_hf import MuonQ, state_bytes
@@ -196,14 +196,25 @@ def main() -> None:
         res["graph_error"] = str(e)
     res["graph_refusal_changed_nothing"] = torch.equal(model.fc1.weight.to_local(), before)
 
+    # a column-sharded matrix (tensor parallel's rowwise layout on a 1-D mesh): the same step as in one process
     mesh = model.fc1.weight.device_mesh
-    tp = torch.nn.Parameter(distribute_tensor(torch.randn(8, 6), mesh, [Shard(1)]))
-    tp.grad = distribute_tensor(torch.randn(8, 6), mesh, [Shard(1)])
+    gen = torch.Generator().manual_seed(7)
+    weight, grad = torch.randn(8, 6, generator=gen), torch.randn(8, 6, generator=gen)
+    tp = torch.nn.Parameter(distribute_tensor(weight, mesh, [Shard(1)]))
+    one = torch.nn.Parameter(weight.clone())
+    tp_opt, one_opt = (MuonQ([dict(params=[q], use_muon=True)], ns_dtype="fp32") for q in (tp, one))
+    for _ in range(2):
+        tp.grad, one.grad = distribute_tensor(grad, mesh, [Shard(1)]), grad.clone()
+        tp_opt.step()
+        one_opt.step()
+    res["columns_weights_rel_diff"] = max_rel_diff({0: tp.full_tensor()}, {0: one.detach()})
+    pending = torch.nn.Parameter(DTensor.from_local(torch.randn(8, 6), mesh, [Partial()]))
+    pending.grad = DTensor.from_local(torch.randn(8, 6), mesh, [Partial()])
     try:
-        MuonQ([dict(params=[tp], use_muon=True)]).step()
-        res["tp_error"] = None
+        MuonQ([dict(params=[pending], use_muon=True)]).step()
+        res["partial_error"] = None
     except ValueError as e:
-        res["tp_error"] = str(e)
+        res["partial_error"] = str(e)
 
     write_results_and_finish(res, args.out, rank)
 

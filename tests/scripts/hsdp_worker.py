@@ -29,6 +29,7 @@ from fsdp_common import (
     weights,
     write_results_and_finish,
 )
+from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -37,9 +38,59 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from muonq_hf import MuonQ, state_bytes
+
+
+class TPToy(nn.Module):
+    """Embedding -> fused QKV (colwise: its rows cut by tensor parallel) -> LayerNorm -> MLP (colwise up, rowwise
+    down) -> tied logits; even sizes, as tensor-parallel layers need."""
+
+    def __init__(self, d: int = 32, f: int = 64, vocab: int = 128) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.d = d
+        self.emb = nn.Embedding(vocab, d)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.ln = nn.LayerNorm(d)
+        self.up = nn.Linear(d, f)
+        self.down = nn.Linear(f, d)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.emb(tokens)  # (B, T, d)
+        h = self.ln(x + torch.tanh(self.qkv(x)).unflatten(-1, (3, self.d)).sum(-2))
+        h = h + self.down(torch.nn.functional.gelu(self.up(h)))
+        return h @ self.emb.weight.T  # (B, T, vocab)
+
+
+def tp_groups(model: TPToy, **options) -> list[dict]:
+    return [
+        dict(params=[model.up.weight, model.down.weight], use_muon=True, weight_decay=0.1, **options),
+        dict(params=[model.qkv.weight], use_muon=True, weight_decay=0.1, qkv_split=3, **options),
+        dict(params=[model.emb.weight, model.ln.weight, model.ln.bias, model.up.bias, model.down.bias],
+             use_muon=False, **options),
+    ]
+
+
+def train_tp(model: nn.Module, opt: MuonQ, dp_rank: int, dp_size: int, steps: int = STEPS) -> list[float]:
+    """Each data-parallel rank takes its slice of the batch (the tensor-parallel ranks of one share it)."""
+    losses = []
+    for step in range(steps):
+        tokens = torch.randint(0, 128, (8, 6), generator=torch.Generator().manual_seed(2000 + step))
+        part = tokens[dp_rank * 8 // dp_size : (dp_rank + 1) * 8 // dp_size]
+        logits = model(part)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), part[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        value = loss.detach().clone()
+        if dist.is_initialized() and dp_size > 1:
+            dist.all_reduce(value)
+            value /= dist.get_world_size()
+        losses.append(float(value))
+    return losses
 
 
 def sharded(config: str, shape: tuple[int, ...], seed: int = 0) -> tuple[torch.nn.Module, MuonQ]:
@@ -150,17 +201,38 @@ def main() -> None:
     dist.all_reduce(flags)
     res["nonfinite_raised_ranks"] = int(flags)
 
-    # ------------------------------------------------- 4. tensor-parallel placements: refused, named
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
-    from torch.distributed.tensor import distribute_tensor
-
-    tp = torch.nn.Parameter(distribute_tensor(torch.randn(8, 6), mesh, [Replicate(), Shard(1)]))
-    tp.grad = distribute_tensor(torch.randn(8, 6), mesh, [Replicate(), Shard(1)])
-    try:
-        MuonQ([dict(params=[tp], use_muon=True)]).step()
-        res["tp_error"] = None
-    except ValueError as e:
-        res["tp_error"] = str(e)
+    # ------------------------------------------------- 4. dp 2 x tp 2: tensor parallel, then fully_shard on dp
+    for config in ("muon32", "muonq"):
+        ref = TPToy()
+        ref_opt = MuonQ(tp_groups(ref, **CONFIGS[config]), lr=LR, ns_dtype="fp32")
+        ref_losses = train_tp(ref, ref_opt, 0, 1)
+        model = TPToy()
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        parallelize_module(model, mesh["tp"], {
+            "qkv": ColwiseParallel(output_layouts=Replicate()),  # a fused QKV cut by tensor parallel
+            "up": ColwiseParallel(), "down": RowwiseParallel(),
+        })
+        fully_shard(model, mesh=mesh["dp"])
+        opt = MuonQ(tp_groups(model, **CONFIGS[config]), lr=LR, ns_dtype="fp32")
+        losses = train_tp(model, opt, mesh["dp"].get_local_rank(), 2)
+        res[f"tp_{config}"] = {
+            "ref_losses": ref_losses, "losses": losses,
+            "placements": {n: str(tuple(p.placements)) for n, p in model.named_parameters()},
+            "weights_rel_diff": max_rel_diff(weights(model), weights(ref)),
+            "momentum_rel_diff": max_rel_diff(momenta(opt), momenta(ref_opt)),
+            "muon_bytes_rank": [int(x) for x in gathered(torch.tensor([state_bytes(opt)["muon"]["total"]]))],
+            "muon_bytes_single": state_bytes(ref_opt)["muon"]["total"],
+        }
+        if config == "muonq":  # a DCP checkpoint of the dp x tp run loads in one process with the same momenta
+            saved_tp = os.path.join(args.out, "ckpt_tp")
+            dcp.save({"optim": get_optimizer_state_dict(model, opt, options=SHARDED)}, checkpoint_id=saved_tp)
+            one = TPToy()
+            one_opt = MuonQ(tp_groups(one, **CONFIGS[config]), lr=LR, ns_dtype="fp32")
+            train_tp(one, one_opt, 0, 1, steps=1)
+            sd = {"optim": get_optimizer_state_dict(one, one_opt)}
+            dcp.load(sd, checkpoint_id=saved_tp)
+            set_optimizer_state_dict(one, one_opt, sd["optim"])
+            res["tp_to_1_momenta_difference"] = first_difference({0: momenta(one_opt)}, {0: momenta(opt)})
 
     write_results_and_finish(res, args.out, rank)
 
