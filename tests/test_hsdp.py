@@ -117,3 +117,24 @@ def test_trainer_hsdp_trains_and_resumes_bit_exactly(trainer_world):
         assert r["muon_params"] == 8 and r["muon_params_dtensor"] and r["muon_codes_dtensor"], r
         assert len(r["losses"]) == 4 and all(torch.isfinite(torch.tensor(r["losses"]))), r
         assert r["resumed_equal"], r["resumed_max_diff"]
+
+
+@pytest.fixture(scope="module")
+def tp_trainer(tmp_path_factory):
+    from launch import worker_env
+
+    out = tmp_path_factory.mktemp("tp_trainer")
+    run_ranks(4, "tp_trainer_worker.py", env=worker_env(FSDP_OUT=str(out)))
+    return [json.loads((out / f"trainer_rank{rank}.json").read_text()) for rank in range(4)]
+
+
+def test_trainer_trains_a_model_sharded_by_distributed_config_dp2_x_tp2(tp_trainer):
+    """transformers' own layout, from_pretrained(distributed_config=DistributedConfig(tp_size=2, fsdp_size=2)),
+    under the Trainer with --optim muonq: the optimizer sees the colwise and rowwise layouts and every matrix moves.
+    (transformers refuses to checkpoint the optimizer of such a model; the DCP round trip of the layout is
+    test_dcp_checkpoint_of_dp_x_tp_loads_in_one_process.)"""
+    for r in tp_trainer:
+        assert r["is_muonq"] and r["muon_params"] == 14, r  # 2 layers x (q, k, v, o, gate, up, down)
+        assert r["placements"] == ["(Shard(dim=0), Shard(dim=1))", "(_StridedShard(dim=0, sf=2), Shard(dim=0))"], r
+        assert len(r["losses"]) == 4 and all(torch.isfinite(torch.tensor(r["losses"]))), r
+        assert r["weights_finite"] and r["muon_matrices_moved"], r
