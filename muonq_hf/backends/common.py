@@ -71,7 +71,7 @@ def whole_muon_step(momentum: MomentumStage, task: Task, state: dict) -> None:
 BATCH_ELEMENTS: dict[str, int] = {"cuda": 1 << 23, "cpu": 1 << 21}  # other device types: the CPU's
 
 
-def _budget(p: torch.Tensor, budget: int | None) -> int:
+def batch_budget(p: torch.Tensor, budget: int | None) -> int:
     """Gradient elements of one group on ``p``'s device: ``budget``, or the device type's ``BATCH_ELEMENTS``."""
     return BATCH_ELEMENTS.get(p.device.type, BATCH_ELEMENTS["cpu"]) if budget is None else budget
 
@@ -88,11 +88,11 @@ def muon_groups(
         p, group = t.param, t.group
         if not group["use_muon"] or p.grad is None or p.ndim < 2:  # (1-D: whole_muon_step says what swapped it)
             continue
-        alone = group["stochastic_rounding"] or 2 * p.numel() > _budget(p, budget)
+        alone = group["stochastic_rounding"] or 2 * p.numel() > batch_budget(p, budget)
         started = "step" in states.get(p, {})
         key = (id(group), plan_of(p, group), p.dtype, p.device, started)
         by_key.setdefault((*key, t.index) if alone else key, []).append(t)
-    return [batch for same in by_key.values() for batch in _packed(same, max(1, _budget(same[0].param, budget)))]
+    return [batch for same in by_key.values() for batch in _packed(same, max(1, batch_budget(same[0].param, budget)))]
 
 
 def adamw_batches(
@@ -104,7 +104,7 @@ def adamw_batches(
     by_key: dict[tuple, list[Task]] = {}
     for t in tasks:
         p, group = t.param, t.group
-        limit = _budget(p, budget)
+        limit = batch_budget(p, budget)
         g = p.grad
         if group["use_muon"] or g is None or g.is_sparse or p.dtype != torch.float32 or g.dtype != torch.float32:
             continue

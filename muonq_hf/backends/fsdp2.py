@@ -10,19 +10,25 @@ the update is gathered again and cut to the weight's own layout. The matrix plan
 colwise-sharded fused QKV is still cut into q, k and v.
 
 Each rank keeps the state of its own rows only (docs/design.md, "State layout"): row entries of the
-``QuantizedMomentum`` are DTensors with the parameter's mesh and placements (built with the global shape, so
+``QuantizedMomentum`` are DTensors with the row group's mesh and placements (built with the global shape, so
 uneven and empty shards work), batch entries (per-matrix scales, R) are plain tensors, identical on every rank.
-The momentum stage runs on the local rows with all-reduced norms, Gram matrices, R and absmax (``row_sum`` /
-``row_max``). Newton-Schulz needs the whole matrix: every matrix has an owner rank (``assign_owners`` by NS
-cost); in rounds of matrices with distinct owners, each is gathered on its owner (in the NS dtype,
-``ns_dtype``), orthogonalized there and its rows scattered back (``orthogonalize_on_owners``).
 
-Fused pieces (``qkv_split``) of any ``split_dim`` are handled by padding: the local rows of each piece are laid
-out as (k, L, w) with zero rows (zero codes) where a rank holds fewer rows of a piece; zero rows add nothing to
-any norm, Gram matrix, R or absmax, and are dropped again before the state is stored. With round-to-nearest
-(the default) the codes equal the single-process ones up to fp32 reduction-order noise. With
-``stochastic_rounding`` each rank draws the noise for its padded local block from the same keyed generator, so
-the codes are unbiased but not the single-process bits.
+FSDP2 and HSDP matrices are stepped whole on owner ranks (``FSDP2Backend._on_owners``): every matrix has an
+owner (``assign_owners`` by NS cost); in rounds of up to ``BATCH_ELEMENTS`` gradient elements per owner, one
+all-to-all brings each matrix's gradient rows and state rows to its owner, which assembles them and takes the
+one-process step (momentum and Newton-Schulz on the whole matrix: the single-process values, stochastic rounding
+included), and one all-to-all sends each rank its update rows, its state rows and its copy of the per-matrix
+entries. Collectives per step: two per round (a 12-layer GPT-2 on 2 ranks: 6, where one step per matrix with its
+own reductions made 385). Memory: an owner holds the whole gradients and states of one round's matrices.
+
+Gathered (tensor-parallel) matrices take the momentum stage on their local rows with all-reduced norms, Gram
+matrices, R and absmax (``row_sum`` / ``row_max``), and Newton-Schulz on owners round by round
+(``orthogonalize_on_owners``): a dozen collectives per matrix. Fused pieces (``qkv_split``) of any ``split_dim``
+are handled there by padding: the local rows of each piece are laid out as (k, L, w) with zero rows (zero codes)
+where a rank holds fewer rows of a piece; zero rows add nothing to any norm, Gram matrix, R or absmax, and are
+dropped again before the state is stored. With round-to-nearest (the default) the codes equal the single-process
+ones up to fp32 reduction-order noise; stochastic rounding draws each rank's noise for its padded local block
+from the same keyed generator (unbiased, not the single-process bits).
 
 Stacked experts (E, m, n) under Shard(0): each rank holds whole experts, so their whole step is local (no
 reduction, no gather); every state entry is sharded on the expert dim like the weight. Plain (non-DTensor)
@@ -51,9 +57,11 @@ from .common import (
     all_finite,
     all_reduce,
     assign_owners,
+    batch_budget,
     orthogonalize_on_owners,
     rounds,
     row_ranges,
+    whole_muon_update,
     whole_step,
 )
 
@@ -210,6 +218,89 @@ def _every_entry(key: str) -> bool:
     return True
 
 
+@dataclass
+class _Item:
+    """One matrix of a round of ``FSDP2Backend._on_owners``: its task, plan, owner rank and every rank's rows."""
+
+    task: Task
+    plan: MatrixPlan
+    owner: int
+    ranges: list[tuple[int, int]]  # (start, count) of each rank
+
+    @property
+    def param(self) -> torch.Tensor:
+        return self.task.param
+
+    @property
+    def momentum(self) -> QuantizedMomentum:
+        return QuantizedMomentum(self.plan, self.task.group)
+
+    def row_keys(self, state: dict) -> list[str]:
+        """The row entries ``state`` holds now (none before the first step), in a fixed order."""
+        return sorted(k for k in state if self.momentum.is_row(k))
+
+    def schema(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The entries after a step, row entries first, each part in a fixed order."""
+        schema = self.momentum.schema()
+        order = sorted(schema, key=lambda k: (not self.momentum.is_row(k), k))
+        return {k: schema[k] for k in order}
+
+    def back_specs(self, count: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """(shape, dtype) of what a rank with ``count`` rows gets back: update rows, row entries, shared entries."""
+        specs = [((count, self.plan.n), ns_dtype(self.task.group))]
+        for key, (shape, dtype) in self.schema().items():
+            specs.append(((count, *shape[1:]), dtype) if self.momentum.is_row(key) else (shape, dtype))
+        return specs
+
+
+def owner_rounds(owners: list[int], sizes: list[int], budget: int) -> list[list[int]]:
+    """Consecutive runs of items in which each owner holds at most ``budget`` elements (at least one item)."""
+    out: list[list[int]] = []
+    load: dict[int, int] = {}
+    for i, (owner, size) in enumerate(zip(owners, sizes, strict=True)):
+        if not out or (load.get(owner, 0) and load[owner] + size > budget):
+            out.append([])
+            load = {}
+        out[-1].append(i)
+        load[owner] = load.get(owner, 0) + size
+    return out
+
+
+def _local(value: torch.Tensor) -> torch.Tensor:
+    return value.to_local() if is_dtensor(value) else value
+
+
+def _assemble(parts: list[torch.Tensor]) -> torch.Tensor:
+    """A whole matrix (or row entry) from every rank's rows, in rank order."""
+    return torch.cat(parts)
+
+
+def _all_to_all(
+    send: list[list[torch.Tensor]], specs: list[list[tuple[tuple[int, ...], torch.dtype]]], group: Any
+) -> list[list[torch.Tensor]]:
+    """One ``all_to_all_single`` of tensors of any shapes and dtypes: ``send[dst]`` goes to rank ``dst``, and what
+    comes from rank ``src`` is read as tensors of ``specs[src]`` (shape, dtype), in order."""
+    def raw(t: torch.Tensor) -> torch.Tensor:
+        return t.contiguous().reshape(-1).view(torch.uint8) if t.numel() else t.new_empty(0, dtype=torch.uint8)
+
+    chunks = [[raw(t) for t in tensors] for tensors in send]
+    sent = [sum(c.numel() for c in chunk) for chunk in chunks]
+    sizes = [[math.prod(shape) * dtype.itemsize for shape, dtype in spec] for spec in specs]
+    device = next((t.device for tensors in send for t in tensors), torch.device("cpu"))
+    buffer = torch.cat([c for chunk in chunks for c in chunk]) if any(sent) else torch.empty(0, dtype=torch.uint8,
+                                                                                              device=device)
+    out = torch.empty(sum(map(sum, sizes)), dtype=torch.uint8, device=buffer.device)
+    dist.all_to_all_single(out, buffer, [sum(s) for s in sizes], sent, group=group)
+    received, offset = [], 0
+    for spec, size in zip(specs, sizes, strict=True):
+        tensors = []
+        for (shape, dtype), nbytes in zip(spec, size, strict=True):
+            tensors.append(out[offset : offset + nbytes].clone().view(dtype).reshape(shape))  # aligned copy
+            offset += nbytes
+        received.append(tensors)
+    return received
+
+
 def _whole_rows(rows: torch.Tensor, m: int, group: Any, world: int) -> torch.Tensor:
     """The (m, n) matrix whose row shards (``row_ranges(m, world)``) the ranks of ``group`` hold: one all-gather
     of the padded shards."""
@@ -251,7 +342,10 @@ class FSDP2Backend:
             else:
                 by_rows.setdefault(row_group(p), []).append((task, plan))
         for rows, matrices in by_rows.items():
-            self._matrices(rows, matrices, states)
+            if rows.gathered:
+                self._matrices(rows, matrices, states)
+            else:
+                self._on_owners(rows, matrices, states)
 
     @staticmethod
     def _adamw(task: Task, state: dict) -> None:
@@ -288,6 +382,77 @@ class FSDP2Backend:
             X = self.momentum(plan, G, local, group, task.index, experts=(first, p.shape[0]))
         update = orthogonalized_update(plan, X, group)
         apply_update(p.to_local(), update, group["lr"], group["weight_decay"])  # the local shard shares p's storage
+
+    def _on_owners(self, rows: RowGroup, matrices: list[tuple[Task, MatrixPlan]], states: States) -> None:
+        """Row-sharded 2-D matrices of one row group (FSDP2, HSDP), each stepped whole on an owner rank.
+
+        In rounds of up to ``BATCH_ELEMENTS`` gradient elements per owner: one all-to-all brings each matrix's
+        gradient rows and state rows to its owner; the owner assembles them and takes the one-process step
+        (``whole_muon_update``: momentum, Newton-Schulz, the values of one process); one all-to-all sends each rank
+        its update rows, its state rows and its copy of the per-matrix entries. Two collectives per round."""
+        world, rank = rows.size, rows.rank
+        plans = [plan for _, plan in matrices]
+        owners = assign_owners([plan.m * plan.n * min(plan.m, plan.n) for plan in plans], world)  # NS flops
+        budget = max(1, batch_budget(matrices[0][0].param, None))
+        for round_ in owner_rounds(owners, [plan.m * plan.n for plan in plans], budget):
+            items = [_Item(*matrices[i], owners[i], row_ranges(matrices[i][1].m, world)) for i in round_]
+            # 1. to the owners: [gradient rows (count, n) fp32, row entries (count, W)] of each matrix
+            send = [[] for _ in range(world)]
+            specs: list[list[tuple]] = [[] for _ in range(world)]
+            for item in items:
+                state = states[item.param]
+                send[item.owner] += [item.param.grad.to_local().float().reshape(-1, item.plan.n)]
+                send[item.owner] += [_local(state[k]) for k in item.row_keys(state)]
+                if item.owner == rank:
+                    for src, (_, count) in enumerate(item.ranges):
+                        specs[src] += [((count, item.plan.n), torch.float32)]
+                        specs[src] += [((count, *_local(state[k]).shape[1:]), state[k].dtype)
+                                       for k in item.row_keys(state)]
+            received = _all_to_all(send, specs, rows.group)
+            # 2. on the owners: the whole matrices' one-process steps
+            send = [[] for _ in range(world)]
+            for item in items:
+                if item.owner != rank:
+                    continue
+                state = states[item.param]
+                n_parts = 1 + len(item.row_keys(state))
+                parts = [received[src][:n_parts] for src in range(world)]
+                received = [r[n_parts:] for r in received]
+                for dst, out in enumerate(self._whole_step(item, parts, state)):
+                    send[dst] += out
+            # 3. back: [update rows, row entries (count, W), per-matrix entries] of each matrix, from its owner
+            specs = [[] for _ in range(world)]
+            for item in items:
+                specs[item.owner] += item.back_specs(item.ranges[rank][1])
+            back = _all_to_all(send, specs, rows.group)
+            for item in items:
+                n_parts = len(item.back_specs(0))
+                self._take_back(item, back[item.owner][:n_parts], states[item.param], rows)
+                back[item.owner] = back[item.owner][n_parts:]
+
+    def _whole_step(self, item: _Item, parts: list[list[torch.Tensor]], state: dict) -> list[list[torch.Tensor]]:
+        """On the owner: the whole gradient and state from every rank's rows (``parts[src]``), the one-process step,
+        and per rank what it gets back (``_Item.back_specs``)."""
+        keys = item.row_keys(state)
+        whole = {k: _assemble([part[1 + j] for part in parts]) for j, k in enumerate(keys)}
+        grad = _assemble([part[0] for part in parts]).reshape(item.param.shape)  # (m, n)
+        full = {**{k: v for k, v in state.items() if not item.momentum.is_row(k)}, **whole}
+        update = whole_muon_update(self.momentum, grad, full, item.task.group, item.task.index)[0]  # (m, n)
+        schema = item.schema()
+        rows = [k for k in schema if item.momentum.is_row(k)]
+        shared = [full[k].reshape(schema[k][0]) for k in schema if not item.momentum.is_row(k)]
+        return [[update[s : s + c], *(full[k][s : s + c] for k in rows), *shared] for s, c in item.ranges]
+
+    @staticmethod
+    def _take_back(item: _Item, parts: list[torch.Tensor], state: dict, rows: RowGroup) -> None:
+        """Store this rank's state rows (DTensors) and per-matrix entries, and apply its update rows."""
+        schema = item.schema()
+        update, *entries = parts
+        layout = Layout(rows.mesh, rows.placements, item.plan.m)
+        for key, value in zip(schema, entries, strict=True):
+            state[key] = layout.wrap(value) if item.momentum.is_row(key) else value
+        group = item.task.group
+        apply_update(item.param.to_local(), update, group["lr"], group["weight_decay"])
 
     def _matrices(self, rows: RowGroup, matrices: list[tuple[Task, MatrixPlan]], states: States) -> None:
         """Row-sharded 2-D matrices of one row group: momentum on local rows, then NS round by round on the owners
