@@ -48,6 +48,16 @@ def test_state_is_split_and_memory_drops(world, config):
     assert max(res["state_bytes_sharded_ranks"]) < 0.7 * res["state_bytes_replicated"]
 
 
+def test_new_values_go_out_in_one_broadcast_per_source_rank(world):
+    """Each rank's new values (its Muon matrices, its rows of the AdamW tensors) go out in one packed broadcast
+    (the toy model's parameters fit one bucket): 2 broadcasts on 2 ranks for 15 tensors, where one per tensor (and
+    per rank for AdamW rows) made 20. The all-reduces: the non-finite decision and the training loop's loss."""
+    calls, tensors = world[0]["collectives_per_step"], world[0]["tensors_stepped"]
+    assert tensors == 15, tensors
+    assert calls.get("broadcast") == 2 and calls.get("all_reduce") == 2, calls
+    assert set(calls) <= {"broadcast", "all_reduce"}, calls
+
+
 @pytest.mark.parametrize("kind", ["sharded", "full", "plain"])
 def test_resume_two_to_two_bit_exact(world, kind):
     """DCP sharded and full state dicts, and plain optimizer.state_dict()/load_state_dict (collective)."""

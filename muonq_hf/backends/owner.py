@@ -28,6 +28,7 @@ from .common import (
     adamw_batches,
     all_finite,
     assign_owners,
+    batch_budget,
     global_rank,
     muon_groups,
     row_ranges,
@@ -73,7 +74,7 @@ class OwnerBackend:
         return all_finite(grads, self.group, agree=self.sharded)
 
     def step(self, tasks: list[Task], states: States) -> None:
-        works = []
+        sent: list[tuple[torch.Tensor, int]] = []  # (new values, the rank that has them), sent to all after the step
         owners = self.owners(tasks)
         stepped: set[int] = set()
         if self.grouped:  # this rank's Muon matrices by shape groups (a lone matrix is a group of one)
@@ -95,7 +96,7 @@ class OwnerBackend:
             if owner is not None:  # a Muon matrix (or a 0-dim tensor): stepped whole by its owner
                 if owner == self.rank and id(p) not in stepped:
                     whole_step(self.momentum, task, states[p])
-                works.append(self._broadcast(p.data, owner))
+                sent.append((p.data, owner))
                 continue
             if id(p) in stepped:
                 continue
@@ -106,15 +107,42 @@ class OwnerBackend:
                 adamw_step(p.data[rows], p.grad[rows], states[p], group, adamw_quantized(tuple(p.shape), group))
             for r, (start_r, count_r) in enumerate(ranges):
                 if count_r:  # rows of a contiguous tensor: a contiguous view, filled in place by the broadcast
-                    works.append(self._broadcast(p.data[start_r : start_r + count_r], r))
-        for w in works:
-            if w is not None:
-                w.wait()
+                    sent.append((p.data[start_r : start_r + count_r], r))
+        if self.sharded:
+            self._broadcast_all(sent)
 
-    def _broadcast(self, t: torch.Tensor, src: int) -> Any:
-        if not self.sharded:
-            return None
-        return dist.broadcast(t, src=global_rank(self.group, src), group=self.group, async_op=True)
+    def _broadcast_all(self, sent: list[tuple[torch.Tensor, int]]) -> None:
+        """Every rank gets the new values of every (tensor, source rank): the tensors of one source and dtype are
+        packed into buckets of up to ``BATCH_ELEMENTS`` elements, one broadcast per bucket (not one per tensor:
+        each is a network latency across nodes), and unpacked in place."""
+        by_source: dict[tuple[int, torch.dtype, torch.device], list[torch.Tensor]] = {}
+        for t, src in sent:
+            by_source.setdefault((src, t.dtype, t.device), []).append(t)
+        works = []
+        for (src, _, _), tensors in by_source.items():
+            limit = max(1, batch_budget(tensors[0], self.batch))
+            bucket: list[torch.Tensor] = []
+            for t in [*tensors, None]:
+                if bucket and (t is None or sum(b.numel() for b in bucket) + t.numel() > limit):
+                    works.append(self._broadcast_bucket(bucket, src))
+                    bucket = []
+                if t is not None:
+                    bucket.append(t)
+        for work, bucket, flat in works:
+            work.wait()
+            if flat is not None:  # received: unpack into the tensors
+                torch._foreach_copy_(bucket, [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in bucket]),
+                                                                          bucket, strict=True)])
+
+    def _broadcast_bucket(self, bucket: list[torch.Tensor], src: int) -> tuple[Any, list[torch.Tensor], Any]:
+        """Start one broadcast of ``bucket`` (packed, unless it is one contiguous tensor) from rank ``src``."""
+        if len(bucket) == 1 and bucket[0].is_contiguous():
+            flat, unpack = bucket[0].view(-1), None
+        else:
+            flat = torch.cat([t.reshape(-1) for t in bucket])
+            unpack = flat if self.rank != src else None
+        work = dist.broadcast(flat, src=global_rank(self.group, src), group=self.group, async_op=True)
+        return work, bucket, unpack
 
     # -------------------------------------------------------------------------------- checkpoints
     @contextmanager
