@@ -16,7 +16,11 @@ matrix structure this way:
 3. The owner broadcasts the orthogonalized update; each rank applies the elementwise part (decoupled weight
    decay, ``- lr * 0.2 sqrt(max(m, n)) * U``) to its own fp32 master fragment.
 
-AdamW groups are elementwise and run on the flat partitions directly. DeepSpeed calls ``step()`` only at the
+AdamW groups with fp32 moments are elementwise and run on the flat partitions directly. With ``adamw_bits=8`` the
+moments' blocks run along the rows of each tensor, which a flat partition may cut: every tensor of such a group
+is stepped whole by an owner, like a Muon matrix (``_zero_owned_adamw_step``: the whole gradient and fp32 master
+weight reduced onto the owner, the one-process ``adamw_step``, the new weight broadcast), its state under ``m{i}.``
+keys; the values are single-process MuonQ's, bit for bit. DeepSpeed calls ``step()`` only at the
 gradient-accumulation boundary, so NS5 runs once per optimizer step, never per micro-batch.
 
 Where a parameter's slice sits in a flat partition (``_fragment``): ZeRO 1/2 keep it in each parameter's
@@ -39,7 +43,7 @@ minus name keywords gives GPT-2's ``wte``/``wpe`` to Muon; MuonQ's routing stays
 Checkpoints resume on the same number of data-parallel ranks; ``muonq_hf.deepspeed_checkpoint`` moves a run to
 another one. Anything else stops at start-up (``check_deepspeed_config``, ``verify_engine``): ZeRO 0, fp16,
 optimizer or parameter offload (Accelerate would swap the optimizer for DeepSpeed's CPU Adam), a DeepSpeed
-``optimizer`` section, elastic or universal checkpoints, round-robin gradients, ZenFlow, ``adamw_bits=8``.
+``optimizer`` section, elastic or universal checkpoints, round-robin gradients, ZenFlow.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ from .checkpoint import CheckpointError
 from .matrices import shaped
 from .momentum import apply_update
 from .optimizer import MuonQ
-from .state import owned_indices, owned_state, store_owned_state
+from .state import adamw_quantized, owned_indices, owned_state, store_owned_state
 
 SUPPORTED_STAGES = (1, 2, 3)
 
@@ -163,12 +167,6 @@ class DeepSpeedMuonQ(MuonQ):
                 "DeepSpeedMuonQ: cuda_graph=True is not supported under DeepSpeed ZeRO (each step exchanges partitions "
                 "between ranks, which a recorded step cannot do); pass cuda_graph=False"
             )
-        for group in self.param_groups:
-            if group["adamw_bits"] != 32 and not group["use_muon"]:
-                raise ValueError(
-                    f"DeepSpeedMuonQ: adamw_bits={group['adamw_bits']} is not supported under DeepSpeed ZeRO (the "
-                    "AdamW part runs on flat partitions); use adamw_bits=32"
-                )
         self._lp_refs = [[weakref.ref(p) for p in g["params"]] for g in self.param_groups]
         self._index_base = [0]
         for refs in self._lp_refs:
@@ -207,7 +205,7 @@ class DeepSpeedMuonQ(MuonQ):
         for g, (saved, group) in enumerate(zip(state_dict.get("param_groups", []), self.param_groups, strict=False)):
             index = self._group_ids.get(id(group))
             flat_states = [state_dict["state"].get(i, {}) for i in saved.get("params", [])]  # ZeRO-3: per sub-group
-            if index is None or not group["use_muon"] or not any(flat_states):
+            if index is None or not self.owns_states(group) or not any(flat_states):
                 continue
             mine = {i for i, _, r in self._owned(index, group) if r == self._rank(index)}
             foreign = set().union(*map(owned_indices, flat_states)) - mine
@@ -270,9 +268,52 @@ class DeepSpeedMuonQ(MuonQ):
             return
         if group["use_muon"]:
             self._zero_muon_step(flat, group, index, params)
-        else:  # elementwise: the flat partition is as good as the parameters (adamw_bits=8 is refused)
+        elif self.owns_states(group):  # 8-bit moments: blocks of whole rows, stepped whole on owners
+            self._zero_owned_adamw_step(flat, group, index, params)
+        else:  # elementwise: the flat partition is as good as the parameters
             adamw_step(flat, flat.grad, self.state[flat], group, quantized=False)
         self.state[flat]["zero_world_size"] = dist.get_world_size(_dp_group(params))
+
+    @staticmethod
+    def owns_states(group: dict) -> bool:
+        """Whether the tensors of ``group`` keep their state whole on owner ranks (``m{i}.`` keys of a flat
+        partition's state): Muon groups, and AdamW groups with 8-bit moments, whose blocks run along rows that a
+        flat partition may cut. Other AdamW groups keep fp32 moments laid out like their flat partitions."""
+        return bool(group["use_muon"]) or group["adamw_bits"] == 8
+
+    def _zero_owned_adamw_step(self, flat: torch.Tensor, group: dict, index: int, params: list[torch.Tensor]) -> None:
+        """AdamW with 8-bit moments: each tensor's owner receives its whole gradient and fp32 master weight (each
+        rank writes its elements into zeros, the sum is exact), takes the one-process ``adamw_step`` on them
+        (the single-process values, bit for bit) and broadcasts the new weight; each rank copies its elements."""
+        pg = _dp_group(params)
+        world, rank = dist.get_world_size(pg), dist.get_rank(pg)
+        fragments = {id(p): _fragment(p, flat) for p in params}
+        tensors = [m for m in self._owned(index, group) if not _stage3(m[1]) or fragments[id(m[1])] is not None]
+        state = self.state[flat]
+        for owner in range(world):
+            owned = [(i, p) for i, p, r in tensors if r == owner]
+            if not owned:
+                continue
+            offsets = _offsets([shaped(p).numel() for _, p in owned])
+            total = offsets[-1]
+            buf = torch.zeros(2 * total, dtype=torch.float32, device=flat.device)  # [gradients | weights]
+            for (_, p), start in zip(owned, offsets, strict=False):
+                for lp_slice, hp_slice in fragments[id(p)] or []:
+                    buf[start + lp_slice.start : start + lp_slice.stop] = flat.grad[hp_slice]
+                    buf[total + start + lp_slice.start : total + start + lp_slice.stop] = flat[hp_slice]
+            dist.reduce(buf, dst=global_rank(pg, owner), group=pg)
+            weights = buf[total:]
+            if rank == owner:
+                for (i, p), start, end in zip(owned, offsets[:-1], offsets[1:], strict=True):
+                    shape = tuple(shaped(p).shape)
+                    pstate = owned_state(state, i)
+                    adamw_step(weights[start:end].view(shape), buf[start:end].view(shape), pstate, group,
+                               adamw_quantized(shape, group))
+                    store_owned_state(state, i, pstate)
+            dist.broadcast(weights, src=global_rank(pg, owner), group=pg)
+            for (_, p), start in zip(owned, offsets, strict=False):
+                for lp_slice, hp_slice in fragments[id(p)] or []:
+                    flat[hp_slice] = weights[start + lp_slice.start : start + lp_slice.stop]
 
     def _rank(self, index: int) -> int:
         return dist.get_rank(_dp_group(self._lp_params(index)))

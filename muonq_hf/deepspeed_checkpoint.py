@@ -50,7 +50,7 @@ def consolidated_state(engine: Any, model: torch.nn.Module) -> dict | None:
     groups = []
     for g, group in enumerate(opt.param_groups):
         params = opt._lp_params(g)
-        owner = {i: r for i, _, r in opt._owned(g, group)} if group["use_muon"] else {}
+        owner = {i: r for i, _, r in opt._owned(g, group)} if opt.owns_states(group) else {}
         groups.append({**{k: v for k, v in group.items() if k != "params"},
                        "params": [opt._index_base[g] + j for j in range(len(params))]})
         for j, p in enumerate(params):
@@ -59,7 +59,7 @@ def consolidated_state(engine: Any, model: torch.nn.Module) -> dict | None:
             weights[names[id(p)]] = _assemble(flat, p, flat, pg)
             if not p.requires_grad:
                 continue
-            if group["use_muon"]:
+            if opt.owns_states(group):  # Muon, 8-bit AdamW: whole on its owner
                 mine = [owned_state(flat_state, index) if owner[index] == rank else None]
                 dist.broadcast_object_list(mine, src=global_rank(pg, owner[index]), group=pg)
                 if mine[0]:  # copies: the owner's own tensors change in place at its next step
@@ -98,7 +98,7 @@ def load_consolidated_state(engine: Any, model: torch.nn.Module, full: dict) -> 
     rank, world = dist.get_rank(pg), dist.get_world_size(pg)
     for g, group in enumerate(opt.param_groups):
         params = opt._lp_params(g)
-        owner = {i: r for i, _, r in opt._owned(g, group)} if group["use_muon"] else {}
+        owner = {i: r for i, _, r in opt._owned(g, group)} if opt.owns_states(group) else {}
         for j, p in enumerate(params):
             index, flat = opt._index_base[g] + j, _flat_of(engine.optimizer, opt, g, p)
             flat_state = opt.state[flat]
@@ -106,7 +106,7 @@ def load_consolidated_state(engine: Any, model: torch.nn.Module, full: dict) -> 
             saved = sd["state"].get(sd["param_groups"][g]["params"][j], {})
             if not saved:
                 continue
-            if group["use_muon"]:
+            if opt.owns_states(group):
                 if owner[index] == rank:
                     store_owned_state(flat_state, index, {k: v.to(flat.device) if torch.is_tensor(v) else v
                                                           for k, v in saved.items()})

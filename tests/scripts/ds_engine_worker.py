@@ -14,6 +14,7 @@ Scenarios (argv[1], comma separated):
   reshape  another number of ranks (muonq_hf.deepspeed_checkpoint), identical batches: 2 ranks -> one process
          (consolidate at step K, a plain MuonQ continues to N) and one process -> 2 ranks (a one-process
          checkpoint at K loaded into a fresh engine); both against the uninterrupted runs.
+  reshape8 the same with adamw_bits=8 (its straight run against single-process MuonQ, bit for bit).
 """
 
 from __future__ import annotations
@@ -57,7 +58,11 @@ STEPS, RESUME_AT, BATCH, SEQ, VOCAB = 4, 2, 4, 16, 96
 OPTIONS = dict(lr=0.02, weight_decay=0.1, seed=3)
 
 
-def make_model(dtype: torch.dtype = torch.float32, scenario: str = "fp32") -> torch.nn.Module:
+# the models of run_reshape: the GPT-2 below, and with 8-bit AdamW one whose embedding takes 8-bit moments
+MODEL = {False: {}, True: {"vocab": 128}}  # 128 x 40 = 5120 >= 4096 elements
+
+
+def make_model(dtype: torch.dtype = torch.float32, scenario: str = "fp32", vocab: int = VOCAB) -> torch.nn.Module:
     torch.manual_seed(0)
     if scenario == "moe":
         config = Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
@@ -69,7 +74,7 @@ def make_model(dtype: torch.dtype = torch.float32, scenario: str = "fp32") -> to
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
                             pad_token_id=0, bos_token_id=1, eos_token_id=2)
         return Phi3ForCausalLM(config).to(dtype)
-    config = GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=40, n_layer=2, n_head=4, resid_pdrop=0.0,
+    config = GPT2Config(vocab_size=vocab, n_positions=SEQ, n_embd=40, n_layer=2, n_head=4, resid_pdrop=0.0,
                         embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(config).to(dtype)
 
@@ -196,7 +201,7 @@ def flat_states(opt: DeepSpeedMuonQ) -> list[dict]:
 
 def single_process(start_state: dict | None, start: int, stop: int, **extra) -> tuple[torch.nn.Module, MuonQ]:
     """Plain MuonQ on the fp32 model, steps [start, stop), from ``start_state`` ({"model", "optimizer"})."""
-    model = make_model()
+    model = make_model(**MODEL["adamw_bits" in extra])
     opt = MuonQ(param_groups(model), **OPTIONS, **extra)
     if start_state is not None:
         model.load_state_dict(start_state["model"])
@@ -209,28 +214,34 @@ def single_process(start_state: dict | None, start: int, stop: int, **extra) -> 
     return model, opt
 
 
-def run_reshape(stage: int, rank: int) -> dict:
-    """2 ranks -> 1 process and 1 process -> 2 ranks through the consolidated (one-process) checkpoint."""
+def run_reshape(stage: int, rank: int, extra: dict | None = None) -> dict:
+    """2 ranks -> 1 process and 1 process -> 2 ranks through the consolidated (one-process) checkpoint; ``extra``:
+    more options of every run (``reshape8``: 8-bit AdamW moments, on a GPT-2 whose embedding has >= 4096
+    elements)."""
+    extra = extra or {}
     result = {}
-    model = make_model()
-    opt = DeepSpeedMuonQ(param_groups(model), **OPTIONS)
+    model = make_model(**MODEL[bool(extra)])
+    opt = DeepSpeedMuonQ(param_groups(model), **OPTIONS, **extra)
     engine, *_ = initialize(model, opt, ds_config(stage, False, 1, BATCH))
     train_ds(engine, 0, RESUME_AT, 1, None, torch.float32)
     full = consolidated_state(engine, model)  # collective; rank 0 gets it
     train_ds(engine, RESUME_AT, STEPS, 1, None, torch.float32)
     straight = full_weights(model)
+    reference_run, _ = single_process(None, 0, STEPS, **extra)
+    result["straight_max_diff"] = max((straight[n] - p).abs().max().item() for n, p in reference_run.named_parameters())
     if rank == 0:  # 2 -> 1: a plain MuonQ in this process continues from the consolidated checkpoint
-        _, alone_opt = single_process(None, 0, RESUME_AT)  # what one process holds at step K
+        _, alone_opt = single_process(None, 0, RESUME_AT, **extra)  # what one process holds at step K
         result["consolidated_state_equal"] = state_equal(full["optimizer"]["state"], alone_opt.state_dict()["state"])
-        one, _ = single_process(full, RESUME_AT, STEPS)  # (its loader keeps some of full's tensors: compare first)
+        result["consolidated_entries"] = sorted({k for s in full["optimizer"]["state"].values() for k in s})
+        one, _ = single_process(full, RESUME_AT, STEPS, **extra)  # (its loader keeps some of full's tensors)
         result["two_to_one_max_diff"] = max((straight[n] - p).abs().max().item() for n, p in one.named_parameters())
     # 1 -> 2: a one-process checkpoint at step K (each rank computes it: same seed, same batches)
-    alone, alone_opt = single_process(None, 0, RESUME_AT)
+    alone, alone_opt = single_process(None, 0, RESUME_AT, **extra)
     start = {"model": alone.state_dict(), "optimizer": alone_opt.state_dict()}
-    model2 = make_model()
-    opt2 = DeepSpeedMuonQ(param_groups(model2), **OPTIONS)
+    model2 = make_model(**MODEL[bool(extra)])
+    opt2 = DeepSpeedMuonQ(param_groups(model2), **OPTIONS, **extra)
     engine2, *_ = initialize(model2, opt2, ds_config(stage, False, 1, BATCH))
-    eight, eight_opt = single_process(None, 0, RESUME_AT, bits=8)  # saved with other storage options: refused,
+    eight, eight_opt = single_process(None, 0, RESUME_AT, bits=8, **extra)  # other storage options: refused,
     other = {"model": eight.state_dict(), "optimizer": eight_opt.state_dict()}  # and nothing changes
     try:
         load_consolidated_state(engine2, model2, other)
@@ -240,7 +251,6 @@ def run_reshape(stage: int, rank: int) -> dict:
     result["untouched_after_refusal"] = not any(flat_states(opt2))
     load_consolidated_state(engine2, model2, start)
     train_ds(engine2, RESUME_AT, STEPS, 1, None, torch.float32)
-    reference_run, _ = single_process(None, 0, STEPS)
     got = full_weights(model2)
     result["one_to_two_max_diff"] = max((got[n] - p).abs().max().item() for n, p in reference_run.named_parameters())
     result["owned_after_load"] = sorted(k.split(".")[0] for state in flat_states(opt2) for k in state
@@ -263,8 +273,8 @@ def run(scenario: str, stage: int, rank: int, out: dict, tmp: str) -> None:
     model = make_model(dtype, scenario)
     micro = BATCH // 2 if half is not None else BATCH
     key = f"{scenario}/stage{stage}"
-    if scenario == "reshape":
-        out[key] = run_reshape(stage, rank)
+    if scenario in ("reshape", "reshape8"):
+        out[key] = run_reshape(stage, rank, {"adamw_bits": 8} if scenario == "reshape8" else None)
         return
     if scenario == "plain":
         opt = MuonQ(param_groups(model), **OPTIONS)
