@@ -90,6 +90,14 @@ def test_dp2_x_tp2_matches_one_process(world, config):
         assert 0.15 < share < 0.45, f"rank {rank} holds {share:.2f} of the one-process Muon state"
 
 
+def test_dp2_x_tp2_with_bf16_newton_schulz_ends_at_the_one_process_loss(world):
+    """The defaults as users run them (4-bit state, bf16 NS) under tensor parallel: final losses within 2%."""
+    res = world["tp_muonq_bf16"]
+    losses, ref = res["losses"], res["ref_losses"]
+    assert abs(losses[-1] / ref[-1] - 1) < 0.02, (losses, ref)
+    assert ref[-1] < ref[0]
+
+
 def test_dcp_checkpoint_of_dp_x_tp_loads_in_one_process(world):
     assert world["tp_to_1_momenta_difference"] is None, world["tp_to_1_momenta_difference"]
 

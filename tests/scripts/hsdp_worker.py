@@ -202,9 +202,11 @@ def main() -> None:
     res["nonfinite_raised_ranks"] = int(flags)
 
     # ------------------------------------------------- 4. dp 2 x tp 2: tensor parallel, then fully_shard on dp
-    for config in ("muon32", "muonq"):
+    for config in ("muon32", "muonq", "muonq_bf16"):  # muonq_bf16: the defaults as users run them (bf16 NS)
+        ns = {} if config == "muonq_bf16" else {"ns_dtype": "fp32"}
+        options = CONFIGS[config.removesuffix("_bf16")]
         ref = TPToy()
-        ref_opt = MuonQ(tp_groups(ref, **CONFIGS[config]), lr=LR, ns_dtype="fp32")
+        ref_opt = MuonQ(tp_groups(ref, **options), lr=LR, **ns)
         ref_losses = train_tp(ref, ref_opt, 0, 1)
         model = TPToy()
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
@@ -213,7 +215,7 @@ def main() -> None:
             "up": ColwiseParallel(), "down": RowwiseParallel(),
         })
         fully_shard(model, mesh=mesh["dp"])
-        opt = MuonQ(tp_groups(model, **CONFIGS[config]), lr=LR, ns_dtype="fp32")
+        opt = MuonQ(tp_groups(model, **options), lr=LR, **ns)
         losses = train_tp(model, opt, mesh["dp"].get_local_rank(), 2)
         res[f"tp_{config}"] = {
             "ref_losses": ref_losses, "losses": losses,
@@ -227,7 +229,7 @@ def main() -> None:
             saved_tp = os.path.join(args.out, "ckpt_tp")
             dcp.save({"optim": get_optimizer_state_dict(model, opt, options=SHARDED)}, checkpoint_id=saved_tp)
             one = TPToy()
-            one_opt = MuonQ(tp_groups(one, **CONFIGS[config]), lr=LR, ns_dtype="fp32")
+            one_opt = MuonQ(tp_groups(one, **options), lr=LR, **ns)
             train_tp(one, one_opt, 0, 1, steps=1)
             sd = {"optim": get_optimizer_state_dict(one, one_opt)}
             dcp.load(sd, checkpoint_id=saved_tp)
