@@ -9,7 +9,7 @@ shapes do not depend on the Newton-Schulz steps, so that run uses ns_steps=1 to 
 (row-sharded codes and P, replicated R and scales) and, for comparison, DDP with ``ddp_shard_state=True``
 (whole tensors per rank). Speed: optimizer.step() only (no forward/backward), ns_steps=5, median of timed
 steps after one warm-up, on ``--speed-shape`` (default: 2 layers of GPT-2-small shape; CPU NS on all 12
-layers takes minutes per step). The ratio includes the gathers/scatters of the distributed NS.
+layers takes minutes per step). The ratio includes the all-to-alls of the owners' exchange.
 """
 
 from __future__ import annotations
