@@ -223,6 +223,7 @@ class DeepSpeedMuonQ(MuonQ):
             return super().step(closure)
         if closure is not None:
             raise ValueError("DeepSpeedMuonQ under ZeRO: DeepSpeed does not pass a closure; call engine.step()")
+        self._check_groups(states=False)  # options as the constructor checks them (flat states are DeepSpeed's)
         for group in self.param_groups:  # ZeRO 1/2 narrow param_groups to the stepped group; ZeRO-3 empties the others
             if group["params"]:
                 self._zero_group_step(group)

@@ -143,6 +143,9 @@ class MuonQ(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # 0. the groups as they are now (schedulers and user code edit them): the constructor's rules, and each
+        #    parameter's state of the kind its group steps, before anything changes
+        self._check_groups()
         backend, tasks = self._backend(), self._tasks()
         # 1. one non-finite decision for every gradient, agreed by all ranks, before anything changes
         grads = [t.param.grad for t in tasks if t.param.grad is not None]
@@ -174,6 +177,29 @@ class MuonQ(torch.optim.Optimizer):
         else:
             backend.step(tasks, self.state)
         return loss
+
+    def _check_groups(self, states: bool = True) -> None:
+        """Every group's options by ``options.RULES`` (a value edited after construction, e.g. ``group["lr"] = nan``,
+        is refused as the constructor refuses it), and no parameter whose state is of the other kind (``use_muon``
+        switched after steps: refused, not converted; docs/design.md, "Choices where the paper is silent")."""
+        for g, group in enumerate(self.param_groups):
+            try:
+                validate_group(group)
+            except ValueError as exc:
+                raise ValueError(f"{exc} (param group {g}; no state or weight was changed)") from None
+            for p in group["params"] if states else ():
+                state = self.state.get(p)
+                if not state:
+                    continue
+                adamw_state = any(k in state for k in ("exp_avg", "exp_avg_codes"))
+                if adamw_state == bool(group["use_muon"]):
+                    kind, other = ("Muon", "AdamW") if group["use_muon"] else ("AdamW", "Muon")
+                    raise ValueError(
+                        f"MuonQ: param group {g} has use_muon={group['use_muon']}, but its parameter of shape "
+                        f"{tuple(shaped(p).shape)} holds {other} state from earlier steps: switching a parameter "
+                        f"between Muon and AdamW mid-run is not supported (its {other} state cannot become {kind} "
+                        "state); restore use_muon, or build a new optimizer. No state or weight was changed"
+                    )
 
     def momentum_stage(
         self, plan: MatrixPlan, G: torch.Tensor, state: dict, group: dict, index: int, **rows: Any
