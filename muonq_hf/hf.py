@@ -17,9 +17,11 @@ Every step is idempotent and checks what it finds: a name already taken by trans
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.abc
 import importlib.machinery
 import logging
+import re
 import sys
 import threading
 from collections.abc import Callable
@@ -30,7 +32,7 @@ import torch
 
 from .backends import check_model
 from .deepspeed import trainer_optimizer_cls
-from .grouping import groups_from_routes, route
+from .grouping import Route, groups_from_routes, route
 from .optimizer import MuonQ
 from .options import OPTIM_ARGS_DEFAULTS, parse_optim_args
 from .plan import routing_summary
@@ -75,6 +77,9 @@ def optimizer_cls_and_kwargs(args: Any, model: torch.nn.Module | None) -> tuple[
         options["seed"] = int(args.seed)
     model = _unwrap(model)
     routes = route(model, split_qkv, _no_decay_names(model), **names)
+    targets = getattr(args, "optim_target_modules", None)
+    if targets is not None:  # HF's way of naming the modules of a matrix optimizer (GaLore, APOLLO)
+        routes = restrict_to_target_modules(routes, targets)
     hyper = dict(
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
@@ -84,6 +89,36 @@ def optimizer_cls_and_kwargs(args: Any, model: torch.nn.Module | None) -> tuple[
     logger.info(routing_summary(routes, {**hyper, **options}))
     kwargs = dict(params=groups_from_routes(routes, weight_decay=args.weight_decay), **hyper, **options)
     return trainer_optimizer_cls(args), kwargs  # DeepSpeedMuonQ under --deepspeed; refuses unsupported configs
+
+
+def restrict_to_target_modules(routes: list[Route], targets: str | list[str]) -> list[Route]:
+    """``--optim_target_modules`` with ``--optim muonq``: Muon steps the matrices of the named modules only, and the
+    routing's other Muon matrices go to AdamW; embeddings, heads, norms and biases stay where the routing puts
+    them. Names match as transformers matches them for GaLore: a string is a regex that must match a module's
+    whole name ("all-linear": every matrix the routing gives Muon); a list holds names, substrings of names or
+    regexes. A selection that leaves Muon nothing is refused."""
+    if not isinstance(targets, (str, list)) or (isinstance(targets, list) and not all(isinstance(t, str) for t in
+                                                                                       targets)):
+        raise TypeError(f"optim_target_modules={targets!r}: expected a regex string, a list of strings or 'all-linear'")
+    if isinstance(targets, str) and targets.replace("_", "-") == "all-linear":
+        return routes
+
+    def named(module: str) -> bool:
+        if isinstance(targets, str):
+            return re.fullmatch(targets, module) is not None
+        return any(t == module or t in module or re.fullmatch(t, module) for t in targets)
+
+    out = [r if not r.muon or named(r.name.rsplit(".", 1)[0]) else
+           dataclasses.replace(r, muon=False, plan={}, reason=f"not in optim_target_modules {targets!r}")
+           for r in routes]
+    if not any(r.muon for r in out):
+        muon = [r.name.rsplit(".", 1)[0] for r in routes if r.muon]
+        raise ValueError(
+            f"--optim muonq: optim_target_modules={targets!r} names no module whose matrix MuonQ steps with Muon "
+            f"(those are {muon[:4]}{' ...' if len(muon) > 4 else ''}); name some of them, or drop "
+            "optim_target_modules to use the routing's choice"
+        )
+    return out
 
 
 def muonq_handler(ctx: Any) -> tuple[type[MuonQ], dict[str, Any]]:

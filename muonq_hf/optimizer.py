@@ -115,6 +115,15 @@ class MuonQ(torch.optim.Optimizer):
         unknown = set(param_group) - GROUP_KEYS - PASSTHROUGH_KEYS
         if unknown:
             raise ValueError(f"MuonQ param group has unknown key(s) {sorted(unknown)}; allowed: {sorted(GROUP_KEYS)}")
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        param_group = {**param_group, "params": params}
+        for p in params:  # before the group is added: a refusal leaves the optimizer as it was
+            if isinstance(p, torch.Tensor) and not p.is_floating_point():
+                raise ValueError(
+                    f"MuonQ steps real floating-point parameters, got one of shape {tuple(p.shape)} and dtype "
+                    f"{p.dtype}; view a complex parameter as real (torch.view_as_real) or leave it out"
+                )
         group = {**self.defaults, **param_group}
         validate_group(group)
         if not group["use_muon"] and group["adamw_lr"] is not None and "lr" not in param_group:

@@ -73,3 +73,60 @@ def test_switching_use_muon_after_steps_is_refused_and_changes_nothing(to_muon):
         _step(model, opt, 2)
     after = _snapshot(model, opt)
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+@pytest.mark.parametrize("use_muon", [True, False])
+def test_a_complex_parameter_is_refused_by_name(use_muon):
+    weight = nn.Parameter(torch.randn(8, 8, dtype=torch.complex64))
+    with pytest.raises(ValueError, match=r"real floating-point parameters, got one of shape \(8, 8\) and dtype "
+                                         r"torch.complex64; view a complex parameter as real"):
+        MuonQ([dict(params=[weight], use_muon=use_muon)])
+    opt = MuonQ([dict(params=[nn.Parameter(torch.randn(4, 4))], use_muon=True)])
+    with pytest.raises(ValueError, match="torch.complex64"):
+        opt.add_param_group(dict(params=weight, use_muon=use_muon))
+    assert len(opt.param_groups) == 1  # the refused group was not added
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=16))
+
+
+def _muon_names(tmp_path, **args) -> list[str]:
+    from transformers import TrainingArguments
+
+    from muonq_hf.hf import optimizer_cls_and_kwargs
+
+    model = _tiny_gpt2()
+    training = TrainingArguments(output_dir=str(tmp_path), optim="muonq", report_to="none", use_cpu=True, **args)
+    _, kwargs = optimizer_cls_and_kwargs(training, model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    return sorted(names[id(p)] for g in kwargs["params"] if g["use_muon"] for p in g["params"])
+
+
+def test_optim_target_modules_selects_the_muon_modules(tmp_path):
+    """HF's optim_target_modules (how GaLore-style optimizers are told their modules) selects MuonQ's Muon modules:
+    the named attention matrices stay with Muon, the MLP matrices go to AdamW; "all-linear" keeps the routing's
+    choice; a selection that names no Muon matrix is refused, naming the value."""
+    every = _muon_names(tmp_path)
+    attention = _muon_names(tmp_path, optim_target_modules=["attn"])
+    assert attention == [n for n in every if ".attn." in n] and len(attention) == 4, attention
+    assert _muon_names(tmp_path, optim_target_modules=r".*\.mlp\.c_fc") == [n for n in every if "mlp.c_fc" in n]
+    assert _muon_names(tmp_path, optim_target_modules="all-linear") == every
+    with pytest.raises(ValueError, match=r"optim_target_modules=\['wte'\] names no module whose matrix MuonQ steps"):
+        _muon_names(tmp_path, optim_target_modules=["wte"])
+
+
+def test_cycle_momentum_cycles_betas0_of_every_group_and_not_muons_momentum():
+    """What the README says a cycle_momentum scheduler does with MuonQ: OneCycleLR cycles betas[0] (AdamW's beta1)
+    in every group; Muon's momentum stays as set."""
+    model = _model()
+    opt = MuonQ(param_groups(model), lr=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.02, total_steps=10, cycle_momentum=True)
+    for seed in range(3):
+        _step(model, opt, seed)
+        schedule.step()
+    for group in opt.param_groups:
+        assert group["momentum"] == 0.95 and group["betas"][0] != 0.9, (group["momentum"], group["betas"])
