@@ -41,16 +41,15 @@ def adamw_step(weight: torch.Tensor, grad: torch.Tensor, state: dict, group: dic
     W, G = weight.view(rows, cols), grad.view(rows, cols)  # (rows, cols)
     books = [moment_codebook(k, grad.device) for k in ADAMW_MOMENTS] if quantized else []
     hyper = _hyperparameters(group, step)
+    keys = [f"{k}_{part}" for k in ADAMW_MOMENTS for part in ("codes", "absmax")]  # the 8-bit entries, in order
+    tables = [t for book in books for t in (book.values, book.start, book.threshold)]
     per_chunk = max(1, CHUNK_ELEMENTS // max(1, cols))  # rows
     for start in range(0, rows, per_chunk):
         chunk = slice(start, start + per_chunk)
         if quantized:  # one fused call: decode, update, encode (compiled: one or two kernels instead of ~35 ops)
-            stored = [state[f"{k}_{part}"][chunk] for k in ADAMW_MOMENTS for part in ("codes", "absmax")]
-            tables = [t for book in books for t in (book.values, book.start, book.threshold)]
-            encoded = _quantized_update(W[chunk], G[chunk], *stored, *tables, *hyper)
-            for (k, part), value in zip(((k, part) for k in ADAMW_MOMENTS for part in ("codes", "absmax")), encoded,
-                                        strict=True):
-                state[f"{k}_{part}"][chunk] = value
+            encoded = _quantized_update(W[chunk], G[chunk], *(state[k][chunk] for k in keys), *tables, *hyper)
+            for key, value in zip(keys, encoded, strict=True):
+                state[key][chunk] = value
         else:  # views of the fp32 moments: updated in place
             exp_avg, exp_avg_sq = (state[k].view(rows, cols)[chunk] for k in ADAMW_MOMENTS)
             _update([W[chunk]], [G[chunk].float()], [exp_avg], [exp_avg_sq], *hyper)  # (chunk rows, cols)
@@ -109,12 +108,11 @@ def _hyperparameters(group: dict, step: float) -> tuple[Any, ...]:
     beta1, beta2 = (float(b) for b in group["betas"])
     weight_decay = float(group["weight_decay"])
     if DEVICE_STEP in group:
-        lr, step = group["lr"], group[DEVICE_STEP]
-        bias1, bias2 = 1 - beta1**step, 1 - beta2**step
-        return beta1, beta2, float(group["eps"]), weight_decay != 0, 1 - lr * weight_decay, lr / bias1, bias2.sqrt()
-    lr = float(group["lr"])
+        lr, step, root = group["lr"], group[DEVICE_STEP], torch.sqrt
+    else:
+        lr, root = float(group["lr"]), math.sqrt
     bias1, bias2 = 1 - beta1**step, 1 - beta2**step
-    return beta1, beta2, float(group["eps"]), weight_decay != 0, 1 - lr * weight_decay, lr / bias1, math.sqrt(bias2)
+    return beta1, beta2, float(group["eps"]), weight_decay != 0, 1 - lr * weight_decay, lr / bias1, root(bias2)
 
 
 def _update(
@@ -141,16 +139,15 @@ def _update(
     torch._foreach_add_(denom, eps)
     if decays:  # decoupled weight decay; the HF Trainer's default weight_decay is 0
         torch._foreach_mul_(weights, decay)
-    if torch.is_tensor(step_size):  # a device scalar (a recorded step): folded into the denominators
+    on_device = torch.is_tensor(step_size)  # a device scalar (a recorded step): folded into the denominators
+    if on_device:
         torch._foreach_div_(denom, -step_size)
-        ratios = torch._foreach_div(exp_avgs, denom)
-        torch._foreach_add_(weights, [r.to(w.dtype) for r, w in zip(ratios, weights, strict=True)])
-    elif all(w.dtype == torch.float32 for w in weights):
+    if not on_device and all(w.dtype == torch.float32 for w in weights):
         torch._foreach_addcdiv_(weights, exp_avgs, denom, value=-step_size)
-    else:  # the ratio in fp32: eps = 1e-8 is 0 in fp16, and 0 / 0 turned fp16 weights NaN
+    else:  # the ratio in fp32 (eps = 1e-8 is 0 in fp16, and 0 / 0 turned fp16 weights NaN), then added
         ratios = torch._foreach_div(exp_avgs, denom)
         torch._foreach_add_(weights, [r.to(w.dtype) for r, w in zip(ratios, weights, strict=True)],
-                            alpha=-step_size)
+                            alpha=1 if on_device else -step_size)
 
 
 @fused

@@ -283,38 +283,16 @@ class DeepSpeedMuonQ(MuonQ):
         return bool(group["use_muon"]) or group["adamw_bits"] == 8
 
     def _zero_owned_adamw_step(self, flat: torch.Tensor, group: dict, index: int, params: list[torch.Tensor]) -> None:
-        """AdamW with 8-bit moments: each tensor's owner receives its whole gradient and fp32 master weight (each
-        rank writes its elements into zeros, the sum is exact), takes the one-process ``adamw_step`` on them
-        (the single-process values, bit for bit) and broadcasts the new weight; each rank copies its elements."""
-        pg = _dp_group(params)
-        world, rank = dist.get_world_size(pg), dist.get_rank(pg)
-        fragments = {id(p): _fragment(p, flat) for p in params}
-        tensors = [m for m in self._owned(index, group) if not _stage3(m[1]) or fragments[id(m[1])] is not None]
-        state = self.state[flat]
-        for owner in range(world):
-            owned = [(i, p) for i, p, r in tensors if r == owner]
-            if not owned:
-                continue
-            offsets = _offsets([shaped(p).numel() for _, p in owned])
-            total = offsets[-1]
-            buf = torch.zeros(2 * total, dtype=torch.float32, device=flat.device)  # [gradients | weights]
-            for (_, p), start in zip(owned, offsets, strict=False):
-                for lp_slice, hp_slice in fragments[id(p)] or []:
-                    buf[start + lp_slice.start : start + lp_slice.stop] = flat.grad[hp_slice]
-                    buf[total + start + lp_slice.start : total + start + lp_slice.stop] = flat[hp_slice]
-            dist.reduce(buf, dst=global_rank(pg, owner), group=pg)
-            weights = buf[total:]
-            if rank == owner:
-                for (i, p), start, end in zip(owned, offsets[:-1], offsets[1:], strict=True):
-                    shape = tuple(shaped(p).shape)
-                    pstate = owned_state(state, i)
-                    adamw_step(weights[start:end].view(shape), buf[start:end].view(shape), pstate, group,
-                               adamw_quantized(shape, group))
-                    store_owned_state(state, i, pstate)
-            dist.broadcast(weights, src=global_rank(pg, owner), group=pg)
-            for (_, p), start in zip(owned, offsets, strict=False):
-                for lp_slice, hp_slice in fragments[id(p)] or []:
-                    flat[hp_slice] = weights[start + lp_slice.start : start + lp_slice.stop]
+        """AdamW with 8-bit moments: each tensor's owner takes the one-process ``adamw_step`` on its whole gradient
+        and fp32 master weight (the single-process values, bit for bit) and sends the new weight back."""
+
+        def step(i: int, state: dict, grad: torch.Tensor, weight: torch.Tensor) -> None:
+            adamw_step(weight, grad, state, group, adamw_quantized(tuple(weight.shape), group))  # weight in place
+
+        def take(part: slice, weight: torch.Tensor) -> None:
+            flat[part] = weight
+
+        self._on_owners(flat, group, index, params, [flat.grad, flat], step, take)
 
     def _rank(self, index: int) -> int:
         return dist.get_rank(_dp_group(self._lp_params(index)))
@@ -329,36 +307,56 @@ class DeepSpeedMuonQ(MuonQ):
         return [(i, p, r) for (i, p), r in zip(matrices, owners, strict=True)]
 
     def _zero_muon_step(self, flat: torch.Tensor, group: dict, index: int, params: list[torch.Tensor]) -> None:
+        """Muon: each matrix's owner runs momentum and orthogonalize on its whole gradient and sends the update back;
+        each rank applies it to its fp32 master fragment."""
+
+        def step(i: int, state: dict, grad: torch.Tensor) -> None:
+            grad.copy_(whole_muon_update(self.momentum_stage, grad, state, group, i).reshape(grad.shape))
+            self.ns_calls += 1
+
+        def take(part: slice, update: torch.Tensor) -> None:
+            apply_update(flat[part], update, group["lr"], group["weight_decay"])  # the ops of every backend
+
+        self._on_owners(flat, group, index, params, [flat.grad], step, take)
+
+    def _on_owners(
+        self, flat: torch.Tensor, group: dict, index: int, params: list[torch.Tensor], sources: list[torch.Tensor],
+        step: Callable[..., None], take: Callable[[slice, torch.Tensor], None],
+    ) -> None:
+        """The owner exchange of the tensors whose state lives whole on one rank (``owns_states``), owner by owner:
+
+        1. each rank writes its elements of every flat ``source`` (the gradient; the fp32 master weights) into
+           zeros, and the sum onto the owner is exact (one rank holds each element);
+        2. the owner runs ``step(i, state, *wholes)`` on each tensor it owns, its state under ``m{i}.`` keys, which
+           leaves the result in the last source's place (an update over the gradient, a new weight in place);
+        3. the result is broadcast and every rank passes its elements to ``take(slice of flat, values)``.
+        ZeRO-3 steps a group in sub-groups: only the tensors of this flat partition (the same on every rank)."""
         pg = _dp_group(params)
         world, rank = dist.get_world_size(pg), dist.get_rank(pg)
         fragments = {id(p): _fragment(p, flat) for p in params}
-        # ZeRO-3 steps a group in sub-groups: the matrices of this flat partition (the same on every rank)
-        matrices = [m for m in self._owned(index, group) if not _stage3(m[1]) or fragments[id(m[1])] is not None]
+        tensors = [m for m in self._owned(index, group) if not _stage3(m[1]) or fragments[id(m[1])] is not None]
         state = self.state[flat]
         for owner in range(world):
-            owned = [(i, p) for i, p, r in matrices if r == owner]
+            owned = [(i, p) for i, p, r in tensors if r == owner]
             if not owned:
                 continue
             offsets = _offsets([shaped(p).numel() for _, p in owned])
-            buf = torch.zeros(offsets[-1], dtype=torch.float32, device=flat.device)  # whole gradients, concatenated
+            buf = torch.zeros(len(sources), offsets[-1], dtype=torch.float32, device=flat.device)  # (sources, total)
             for (_, p), start in zip(owned, offsets, strict=False):
                 for lp_slice, hp_slice in fragments[id(p)] or []:
-                    buf[start + lp_slice.start : start + lp_slice.stop] = flat.grad[hp_slice]
+                    for whole, source in zip(buf, sources, strict=True):
+                        whole[start + lp_slice.start : start + lp_slice.stop] = source[hp_slice]
             dist.reduce(buf, dst=global_rank(pg, owner), group=pg)
-            if rank == owner:  # buf now holds this owner's whole gradients; reuse it for the scaled updates
+            if rank == owner:
                 for (i, p), start, end in zip(owned, offsets[:-1], offsets[1:], strict=True):
-                    mstate = owned_state(state, i)
-                    grad = buf[start:end].view(shaped(p).shape)
-                    update = whole_muon_update(self.momentum_stage, grad, mstate, group, i)
-                    store_owned_state(state, i, mstate)
-                    buf[start:end] = update.reshape(-1)
-                    self.ns_calls += 1
-            dist.broadcast(buf, src=global_rank(pg, owner), group=pg)
+                    owned_entries = owned_state(state, i)
+                    step(i, owned_entries, *(whole[start:end].view(shaped(p).shape) for whole in buf))
+                    store_owned_state(state, i, owned_entries)
+            result = buf[-1]
+            dist.broadcast(result, src=global_rank(pg, owner), group=pg)
             for (_, p), start in zip(owned, offsets, strict=False):
                 for lp_slice, hp_slice in fragments[id(p)] or []:
-                    master = flat[hp_slice]  # view of this rank's fp32 master weights
-                    update = buf[start + lp_slice.start : start + lp_slice.stop]
-                    apply_update(master, update, group["lr"], group["weight_decay"])  # the ops of every backend
+                    take(hp_slice, result[start + lp_slice.start : start + lp_slice.stop])
 
 
 def _offsets(sizes: list[int]) -> list[int]:

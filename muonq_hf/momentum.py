@@ -257,11 +257,10 @@ def apply_updates(
     """
     if weight_decay != 0:
         torch._foreach_mul_(weights, 1 - lr * weight_decay)
-    dtype = weights[0].dtype
+    dtype, alpha = weights[0].dtype, -lr
     if torch.is_tensor(lr):  # a device scalar (a recorded step, ``muonq_hf.graphs``): scale the update by it first
-        update = update.to(dtype) * -lr
+        update, alpha = update.to(dtype) * -lr, 1
     elif dtype != torch.float32 or (len(weights) > 1 and update.device.type != "cpu"):
         update = update.to(dtype)
     parts = update.chunk(len(weights)) if len(weights) > 1 else (update,)
-    alpha = 1 if torch.is_tensor(lr) else -lr
     torch._foreach_add_(weights, [u.reshape(w.shape) for u, w in zip(parts, weights, strict=True)], alpha=alpha)

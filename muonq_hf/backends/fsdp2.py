@@ -37,6 +37,7 @@ parameters in the same optimizer take the one-process path.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
@@ -231,7 +232,7 @@ class _Item:
     def param(self) -> torch.Tensor:
         return self.task.param
 
-    @property
+    @functools.cached_property
     def momentum(self) -> QuantizedMomentum:
         return QuantizedMomentum(self.plan, self.task.group)
 
@@ -239,6 +240,7 @@ class _Item:
         """The row entries ``state`` holds now (none before the first step), in a fixed order."""
         return sorted(k for k in state if self.momentum.is_row(k))
 
+    @functools.cached_property
     def schema(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """The entries after a step, row entries first, each part in a fixed order."""
         schema = self.momentum.schema()
@@ -248,7 +250,7 @@ class _Item:
     def back_specs(self, count: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
         """(shape, dtype) of what a rank with ``count`` rows gets back: update rows, row entries, shared entries."""
         specs = [((count, self.plan.n), ns_dtype(self.task.group))]
-        for key, (shape, dtype) in self.schema().items():
+        for key, (shape, dtype) in self.schema.items():
             specs.append(((count, *shape[1:]), dtype) if self.momentum.is_row(key) else (shape, dtype))
         return specs
 
@@ -438,7 +440,7 @@ class FSDP2Backend:
         grad = _assemble([part[0] for part in parts]).reshape(item.param.shape)  # (m, n)
         full = {**{k: v for k, v in state.items() if not item.momentum.is_row(k)}, **whole}
         update = whole_muon_update(self.momentum, grad, full, item.task.group, item.task.index)[0]  # (m, n)
-        schema = item.schema()
+        schema = item.schema
         rows = [k for k in schema if item.momentum.is_row(k)]
         shared = [full[k].reshape(schema[k][0]) for k in schema if not item.momentum.is_row(k)]
         return [[update[s : s + c], *(full[k][s : s + c] for k in rows), *shared] for s, c in item.ranges]
@@ -446,7 +448,7 @@ class FSDP2Backend:
     @staticmethod
     def _take_back(item: _Item, parts: list[torch.Tensor], state: dict, rows: RowGroup) -> None:
         """Store this rank's state rows (DTensors) and per-matrix entries, and apply its update rows."""
-        schema = item.schema()
+        schema = item.schema
         update, *entries = parts
         layout = Layout(rows.mesh, rows.placements, item.plan.m)
         for key, value in zip(schema, entries, strict=True):
