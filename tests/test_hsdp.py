@@ -111,10 +111,11 @@ def trainer_world(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
     env = worker_env(FSDP_OUT=str(out))
     if request.param == "parallelism_config":
-        run_ranks(4, "hsdp_trainer_worker.py", env=env)
+        run_ranks(4, "fsdp_trainer_worker.py", "--layout", "hsdp", env=env)
     else:
         accelerate_launch(str(Path(ROOT) / "examples" / "accelerate" / "hsdp.yaml"),
-                          str(Path(__file__).parent / "scripts" / "hsdp_trainer_worker.py"), "--from-env", env=env)
+                          str(Path(__file__).parent / "scripts" / "fsdp_trainer_worker.py"), "--layout", "hsdp-env",
+                          env=env)
     return [json.loads((out / f"trainer_rank{rank}.json").read_text())["SHARDED_STATE_DICT"] for rank in range(4)]
 
 

@@ -18,6 +18,7 @@ from fsdp_common import (
     HALF,
     SHARDED,
     STEPS,
+    counted_collectives,
     first_difference,
     full_state,
     make_model,
@@ -121,18 +122,8 @@ def main() -> None:
     # collectives of one sharded step: the new values go out in one broadcast per source rank and bucket
     model, opt = ddp("muonq", shard=True)
     train(model, opt, range(2), rank, world)
-    calls: dict[str, int] = {}
-    real = {name: getattr(dist, name) for name in ("broadcast", "all_reduce", "all_gather", "scatter", "gather")}
-    for name, fn in real.items():
-        def counted(*a, _name=name, _fn=fn, **k):  # noqa: ANN002, ANN003, ANN202
-            calls[_name] = calls.get(_name, 0) + 1
-            return _fn(*a, **k)
-        setattr(dist, name, counted)
-    try:
+    with counted_collectives() as calls:
         train(model, opt, range(2, 3), rank, world)  # (the loss all-reduce of train() is counted too)
-    finally:
-        for name, fn in real.items():
-            setattr(dist, name, fn)
     res["collectives_per_step"] = calls
     res["tensors_stepped"] = sum(len(g["params"]) for g in opt.param_groups)
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 from launch import exit_after_results, run_two_ranks
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions
@@ -115,6 +118,33 @@ def train(model: nn.Module, opt: MuonQ, steps: range, rank: int = 0, world: int 
             value /= world
         losses.append(float(value))
     return losses
+
+
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_to_all", "all_to_all_single", "broadcast",
+               "gather", "scatter", "reduce", "reduce_scatter", "reduce_scatter_tensor", "barrier")
+
+
+@contextmanager
+def counted_collectives() -> Iterator[dict[str, int]]:
+    """The torch.distributed calls (``COLLECTIVES``) made inside the block, counted by name: each one a network
+    latency across nodes."""
+    counts: dict[str, int] = {}
+    real = {name: getattr(dist, name) for name in COLLECTIVES}
+
+    def counting(name: str, fn):  # noqa: ANN001, ANN202
+        def call(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            counts[name] = counts.get(name, 0) + 1
+            return fn(*args, **kwargs)
+
+        return call
+
+    for name, fn in real.items():
+        setattr(dist, name, counting(name, fn))
+    try:
+        yield counts
+    finally:
+        for name, fn in real.items():
+            setattr(dist, name, fn)
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

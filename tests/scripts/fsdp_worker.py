@@ -17,6 +17,7 @@ from fsdp_common import (
     HALF,
     SHARDED,
     STEPS,
+    counted_collectives,
     first_difference,
     full_state,
     make_model,
@@ -56,10 +57,6 @@ def same_on_all_ranks(t: torch.Tensor) -> bool:
 
 
 
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_to_all", "all_to_all_single", "broadcast",
-               "gather", "scatter", "reduce", "reduce_scatter", "reduce_scatter_tensor", "barrier")
-
-
 def count_collectives_of_a_step() -> dict:
     """torch.distributed calls made by ``optimizer.step()`` (the third) of a 12-layer, 256-wide GPT-2 under FSDP2,
     by name: each one a network latency across nodes."""
@@ -74,22 +71,11 @@ def count_collectives_of_a_step() -> dict:
         fully_shard(block)
     fully_shard(model)
     opt = MuonQ(param_groups(model), lr=0.01)
-    counts: dict[str, int] = {}
     for step in range(3):
         ids = torch.randint(0, 1024, (2, 16), generator=torch.Generator().manual_seed(step))
         model(input_ids=ids, labels=ids).loss.backward()
-        real = {name: getattr(dist, name) for name in COLLECTIVES}
-        if step == 2:
-            for name, fn in real.items():
-                def counted(*args, _name=name, _fn=fn, **kwargs):  # noqa: ANN002, ANN003, ANN202
-                    counts[_name] = counts.get(_name, 0) + 1
-                    return _fn(*args, **kwargs)
-                setattr(dist, name, counted)
-        try:
+        with counted_collectives() as counts:
             opt.step()
-        finally:
-            for name, fn in real.items():
-                setattr(dist, name, fn)
         opt.zero_grad(set_to_none=True)
     muon = sum(len(g["params"]) for g in opt.param_groups if g["use_muon"])
     return {"total": sum(counts.values()), "by_name": counts, "muon_params": muon}
