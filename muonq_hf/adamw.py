@@ -22,6 +22,7 @@ import torch
 from .codecs import DynamicCodebook, dequantize_dynamic8, quantize_dynamic8
 from .kernels import fused
 from .state import ADAMW_8BIT_BLOCK, ADAMW_MOMENTS, moment_codebook
+from .weights import ORIGIN, Place, add_rounded, kahan_buffer, rounded_weight
 
 CHUNK_ELEMENTS = 1 << 20  # rows are processed in chunks of about this many elements (4 MiB in fp32)
 # A recorded step (``muonq_hf.graphs``) gives its groups the step count as a device scalar under this key (and the lr
@@ -29,11 +30,16 @@ CHUNK_ELEMENTS = 1 << 20  # rows are processed in chunks of about this many elem
 DEVICE_STEP = "device_step"
 
 
-def adamw_step(weight: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, quantized: bool) -> None:
-    """One AdamW step of ``weight`` (any shape, viewed as (rows, rest)), its state updated in place, chunk by chunk."""
+def adamw_step(
+    weight: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, quantized: bool, index: int = 0,
+    place: Place = ORIGIN,
+) -> None:
+    """One AdamW step of ``weight`` (any shape, viewed as (rows, rest)), its state updated in place, chunk by chunk.
+    ``index`` (the parameter's position) and ``place`` (the block's place in it) key a low-precision weight's
+    stochastic rounding (``muonq_hf.weights``)."""
     if not (weight.is_contiguous() and grad.is_contiguous()):  # no row view of it: step a contiguous copy
         contiguous = weight.contiguous()
-        adamw_step(contiguous, grad.contiguous(), state, group, quantized)
+        adamw_step(contiguous, grad.contiguous(), state, group, quantized, index, place)
         weight.copy_(contiguous)
         return
     rows, cols = (weight.shape[0], math.prod(weight.shape[1:])) if weight.ndim else (1, 1)  # a shard may have 0 rows
@@ -43,16 +49,25 @@ def adamw_step(weight: torch.Tensor, grad: torch.Tensor, state: dict, group: dic
     hyper = _hyperparameters(group, step)
     keys = [f"{k}_{part}" for k in ADAMW_MOMENTS for part in ("codes", "absmax")]  # the 8-bit entries, in order
     tables = [t for book in books for t in (book.values, book.start, book.threshold)]
+    rounded = rounded_weight(weight, group)  # a low-precision weight that takes its change by weight_update
+    if rounded and group["weight_update"] == "kahan":
+        buffer = kahan_buffer(state, weight).view(rows, cols)
     per_chunk = max(1, CHUNK_ELEMENTS // max(1, cols))  # rows
     for start in range(0, rows, per_chunk):
         chunk = slice(start, start + per_chunk)
         if quantized:  # one fused call: decode, update, encode (compiled: one or two kernels instead of ~35 ops)
-            encoded = _quantized_update(W[chunk], G[chunk], *(state[k][chunk] for k in keys), *tables, *hyper)
+            *encoded, delta = _quantized_update(W[chunk], G[chunk], *(state[k][chunk] for k in keys), *tables, *hyper,
+                                                rounded=rounded)
             for key, value in zip(keys, encoded, strict=True):
                 state[key][chunk] = value
+            deltas = [delta]
         else:  # views of the fp32 moments: updated in place
             exp_avg, exp_avg_sq = (state[k].view(rows, cols)[chunk] for k in ADAMW_MOMENTS)
-            _update([W[chunk]], [G[chunk].float()], [exp_avg], [exp_avg_sq], *hyper)  # (chunk rows, cols)
+            deltas = _update([W[chunk]], [G[chunk].float()], [exp_avg], [exp_avg_sq], *hyper, rounded=rounded)
+        if rounded:  # the chunk's change in fp32, added stochastically or compensated
+            buffers = [buffer[chunk]] if group["weight_update"] == "kahan" else [None]
+            chunk_place = Place(place.row + start, place.col, place.width)
+            add_rounded([W[chunk]], deltas, group, buffers, [(index, int(step))], [chunk_place])
 
 
 def adamw_steps(weights: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict], group: dict) -> None:
@@ -127,27 +142,37 @@ def _update(
     decay: float | torch.Tensor,
     step_size: float | torch.Tensor,
     bias2_root: float | torch.Tensor,
-) -> None:
+    rounded: bool = False,
+) -> list[torch.Tensor] | None:
     """torch's AdamW on tensors of one group and step count (or chunks of rows), with the scalars of
     ``_hyperparameters``: moments in place, then the weights. ``torch._foreach`` ops: one tensor or many, each op
-    is one kernel on a GPU."""
+    is one kernel on a GPU. ``rounded``: the weights are left as they are and their fp32 changes returned
+    (low-precision weights that take them by ``weight_update``, ``muonq_hf.weights``)."""
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
     denom = torch._foreach_sqrt(exp_avg_sqs)  # one temporary per tensor, then in place
     torch._foreach_div_(denom, bias2_root)
     torch._foreach_add_(denom, eps)
-    if decays:  # decoupled weight decay; the HF Trainer's default weight_decay is 0
-        torch._foreach_mul_(weights, decay)
     on_device = torch.is_tensor(step_size)  # a device scalar (a recorded step): folded into the denominators
     if on_device:
         torch._foreach_div_(denom, -step_size)
+    if rounded:  # the change in fp32: -step_size m / denom, and the decay's w (decay - 1)
+        deltas = torch._foreach_div(exp_avgs, denom)
+        if not on_device:
+            torch._foreach_mul_(deltas, -step_size)
+        if decays:
+            torch._foreach_add_(deltas, [w.float() * (decay - 1) for w in weights])
+        return deltas
+    if decays:  # decoupled weight decay; the HF Trainer's default weight_decay is 0
+        torch._foreach_mul_(weights, decay)
     if not on_device and all(w.dtype == torch.float32 for w in weights):
         torch._foreach_addcdiv_(weights, exp_avgs, denom, value=-step_size)
     else:  # the ratio in fp32 (eps = 1e-8 is 0 in fp16, and 0 / 0 turned fp16 weights NaN), then added
         ratios = torch._foreach_div(exp_avgs, denom)
         torch._foreach_add_(weights, [r.to(w.dtype) for r, w in zip(ratios, weights, strict=True)],
                             alpha=1 if on_device else -step_size)
+    return None
 
 
 @fused
@@ -165,10 +190,12 @@ def _quantized_update(
     v_start: torch.Tensor,
     v_threshold: torch.Tensor,
     *hyper: Any,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    rounded: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """AdamW on rows (rows, cols) of a weight with 8-bit moments: decode m and v (codes, block absmax and the
     ``DynamicCodebook`` tables of each), update them and the weight (in place), and return their new codes and
-    absmax. One fused function, so that compiled the decoded fp32 moments never leave the kernel.
+    absmax (and, ``rounded``, the weight's fp32 change instead of applying it). One fused function, so that
+    compiled the decoded fp32 moments never leave the kernel.
 
     The update is ``_update``'s, written with tensor ops: compiled, a foreach op would specialize its float
     scalars (a new graph at every step count); tensor ops take them as inputs. Same operations, same order."""
@@ -178,10 +205,14 @@ def _quantized_update(
     m = dequantize_dynamic8(m_codes, m_absmax, books[0]).lerp(g, 1 - beta1)
     v = dequantize_dynamic8(v_codes, v_absmax, books[1]) * beta2 + (1 - beta2) * g * g
     denom = v.sqrt() / bias2_root + eps
-    if decays:
-        weight.mul_(decay)
-    weight.add_((m / denom * -step_size).to(weight.dtype))  # a scalar times a tensor: no specialized scalar
+    delta = None
+    if rounded:  # a low-precision weight that takes its change by weight_update: returned in fp32, not applied
+        delta = m / denom * -step_size + (weight.float() * (decay - 1) if decays else 0)
+    else:
+        if decays:
+            weight.mul_(decay)
+        weight.add_((m / denom * -step_size).to(weight.dtype))  # a scalar times a tensor: no specialized scalar
     (m_codes, m_absmax), (v_codes, v_absmax) = (
         quantize_dynamic8(value, book, ADAMW_8BIT_BLOCK) for value, book in zip((m, v), books, strict=True)
     )
-    return m_codes, m_absmax, v_codes, v_absmax
+    return m_codes, m_absmax, v_codes, v_absmax, delta

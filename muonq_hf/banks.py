@@ -20,6 +20,7 @@ import dataclasses
 import torch
 
 from .matrices import MatrixPlan
+from .weights import KAHAN
 
 
 class StateBank:
@@ -39,18 +40,20 @@ class StateBank:
         if len(states) != self.k or any(s is not t for s, t in zip(states, self.states, strict=True)):
             return False
         return all(
-            s.keys() == v.keys() and all(s[key] is view for key, view in v.items())
+            s.keys() - {KAHAN} == v.keys() and all(s[key] is view for key, view in v.items())
             for s, v in zip(states, self._views, strict=True)
         )
 
     def gather(self) -> None:
         """Stack the members' entries into the bank (all members must have the same entries) and make them views."""
-        keys = self.states[0].keys()
-        if any(s.keys() != keys for s in self.states):
+        entries = [s.keys() - {KAHAN} for s in self.states]  # the weights' Kahan buffers stay each member's own
+        other = next((e for e in entries if e != entries[0]), None)
+        if other is not None:
             raise ValueError(
                 "MuonQ: the parameters of one shape group are not at the same stage (a first step among later "
-                f"ones): entries {sorted(keys)} and {sorted(next(s for s in self.states if s.keys() != keys))}"
+                f"ones): entries {sorted(entries[0])} and {sorted(other)}"
             )
+        keys = [k for k in self.states[0] if k != KAHAN]
         self.entries = {key: self._stacked(key, [s[key] for s in self.states]) for key in keys}
         self.publish()
 

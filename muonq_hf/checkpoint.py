@@ -27,6 +27,7 @@ from .state import (
     moment_codebook,
     state_schema,
 )
+from .weights import KAHAN
 
 # Options that decide how the state is stored (a change converts the state); the others are hyperparameters
 MUON_STORAGE = ("bits", "rank_divisor", "mu", "block_size", "normalize", "store_norm", "qkv_split", "split_dim",
@@ -104,10 +105,14 @@ def check_state_dict(param_groups: list[dict], defaults: dict, state_dict: Any) 
                 continue
             where = f"MuonQ.load_state_dict: parameter {name or f'{i} of group {g}'} of shape {tuple(p.shape)}"
             try:
-                schema = state_schema(tuple(p.shape), options)
+                schema = state_schema(tuple(p.shape), options)  # the Kahan buffer (any dtype) is checked apart
             except ValueError as err:
                 raise CheckpointError(f"{where}: the checkpoint's options do not fit it: {err}") from None
-            keys = {k for k in entries if k != "zero_world_size"}
+            keys = {k for k in entries if k not in ("zero_world_size", KAHAN)}
+            if KAHAN in entries:  # a low-precision weight's compensation: kept where it is used, dropped elsewhere
+                buffer = entries[KAHAN]
+                dtype = buffer.dtype if torch.is_tensor(buffer) and buffer.is_floating_point() else torch.bfloat16
+                _check_entry(where, KAHAN, buffer, tuple(p.shape), dtype)
             if keys != set(schema):
                 missing, extra = sorted(set(schema) - keys), sorted(keys - set(schema))
                 raise CheckpointError(f"{where}: state entries do not match (missing {missing}, unexpected {extra})")
@@ -145,12 +150,13 @@ def convert_state(p: torch.Tensor, state: dict, saved: dict, group: dict, index:
     """The state of ``p`` saved with the options ``saved``, re-encoded with ``group``'s options."""
     if not state:
         return state
+    kept = {KAHAN: state[KAHAN]} if KAHAN in state else {}  # the weight's compensation is not momentum: kept
     if not group["use_muon"]:
         shape = tuple(p.shape)
         was, now = adamw_quantized(shape, saved), adamw_quantized(shape, group)
         if was == now:
             return state
-        out = {"step": state["step"]}
+        out = {"step": state["step"], **kept}
         for key in ADAMW_MOMENTS:
             book = moment_codebook(key, p.device)
             if was:
@@ -161,6 +167,6 @@ def convert_state(p: torch.Tensor, state: dict, saved: dict, group: dict, index:
         return out
     M = QuantizedMomentum(plan_of(p, saved), saved).dequantized(state)  # (E, m, n) in the saved plan's view
     new_plan = plan_of(p, group)
-    out = {"step": state["step"]}
+    out = {"step": state["step"], **kept}
     encode_momentum(new_plan.view(M.reshape(p.shape)), out, new_plan, group, index)
     return out

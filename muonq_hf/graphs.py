@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from .adamw import DEVICE_STEP
+from .weights import LOW_PRECISION
 
 logger = logging.getLogger("transformers.muonq_hf")
 
@@ -151,6 +152,11 @@ def check_recordable(tasks: list, device_type: str = "cuda") -> None:
             raise GraphRefused(
                 f"MuonQ: cuda_graph=True needs a gradient for every parameter at every step; {where} has none. "
                 "Freeze it with requires_grad=False before building the optimizer, or pass cuda_graph=False"
+            )
+        if t.group["weight_update"] == "stochastic" and p.dtype in LOW_PRECISION:
+            raise GraphRefused(
+                f"MuonQ: cuda_graph=True cannot record weight_update='stochastic' ({where}): its noise is keyed by the "
+                "step count, held on the host. Pass weight_update='kahan' or cuda_graph=False"
             )
         if t.group["use_muon"] and t.group["stochastic_rounding"]:
             raise GraphRefused(

@@ -7,13 +7,17 @@ import math
 import torch
 
 from .state import state_schema
+from .weights import KAHAN
 
-KINDS = ("codes", "scales", "factors", "moments", "other")
+KINDS = ("codes", "scales", "factors", "moments", "compensation", "other")
 
 
 def state_kind(key: str) -> str:
-    """Kind of a MuonQ state entry: codes (residual / moment codes), scales, factors (P, R), moments (fp32)."""
+    """Kind of a MuonQ state entry: codes (residual / moment codes), scales, factors (P, R), moments (fp32),
+    compensation (a low-precision weight's Kahan buffer, ``muonq_hf.weights``)."""
     key = key.rsplit(".", 1)[-1]  # batch (b1.) and DeepSpeed (m3.) prefixes
+    if key == KAHAN:
+        return "compensation"
     if key.endswith(("_scale", "_absmax")) or key == "norm":
         return "scales"
     if key.startswith(("P", "R")):
@@ -63,10 +67,11 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, int] | 
     return {**report, "total": report["muon"]["total"] + report["adamw"]["total"]}
 
 
-def expected_state_bytes(shape: tuple[int, ...], group: dict) -> int:
-    """Bytes MuonQ's state will hold for a parameter of ``shape`` in ``group`` (all options set), after a step.
+def expected_state_bytes(shape: tuple[int, ...], group: dict, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes MuonQ's state will hold for a parameter of ``shape`` and ``dtype`` in ``group`` (all options set),
+    after a step.
 
     Counted from the state schema (``muonq_hf.state.state_schema``) without running a step; equal to
     ``state_bytes`` of a stepped optimizer (tested), so the routing report can show it for any model.
     """
-    return sum(math.prod(s) * d.itemsize for s, d in state_schema(shape, group).values())
+    return sum(math.prod(s) * d.itemsize for s, d in state_schema(shape, group, dtype).values())

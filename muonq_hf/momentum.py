@@ -6,7 +6,8 @@
   the cross-rank reductions ``row_sum``/``row_max``.
 * ``orthogonalized_update``: Newton-Schulz per matrix and Moonlight's scale 0.2 sqrt(max(rows, cols)) of that
   matrix's own shape; this needs whole matrices (a distributed caller assembles them on one owner rank).
-* ``apply_update``: decoupled weight decay and the step, the same elementwise ops on every backend.
+* ``apply_update``: decoupled weight decay and the step, the same elementwise ops on every backend (low-precision
+  weights by their group's ``weight_update``: ``muonq_hf.weights``).
 
 The algorithm is the MuonQ step of docs/design.md ("The MuonQ step"); the state it reads and writes is a
 ``muonq_hf.state.QuantizedMomentum``.
@@ -15,6 +16,7 @@ The algorithm is the MuonQ step of docs/design.md ("The MuonQ step"); the state 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -25,6 +27,7 @@ from .lowrank import RowSum, no_reduction, power_iteration_factors
 from .matrices import MatrixPlan
 from .orthogonalize import NS_DTYPES, muon_scale, zeropower_via_newtonschulz5
 from .state import QuantizedMomentum, combine
+from .weights import ORIGIN, Place, add_rounded, kahan_buffer, rounded_weight
 
 
 def frobenius(x: torch.Tensor, row_sum: RowSum) -> torch.Tensor:
@@ -239,13 +242,46 @@ def orthogonalized_update(plan: MatrixPlan, X: torch.Tensor, group: dict) -> tor
     return out
 
 
-def apply_update(weight: torch.Tensor, update: torch.Tensor, lr: float, weight_decay: float) -> None:
+def apply_update(
+    weight: torch.Tensor, update: torch.Tensor, lr: float, weight_decay: float, rounding: Rounding | None = None
+) -> None:
     """W *= 1 - lr * wd; W -= lr * update (update already scaled per matrix): ``apply_updates`` of one weight."""
-    apply_updates([weight], update, lr, weight_decay)
+    apply_updates([weight], update, lr, weight_decay, rounding)
+
+
+@dataclass(frozen=True)
+class Rounding:
+    """How k low-precision weights take their change (``muonq_hf.weights``): their group (``weight_update``,
+    ``seed``), Kahan buffers, noise keys (parameter index, step) and places in their parameters."""
+
+    group: dict
+    buffers: list[torch.Tensor | None]
+    keys: list[tuple[int, int]]
+    places: list[Place]
+
+
+def rounding_for(
+    weights: list[torch.Tensor], group: dict, states: list[dict], indices: list[int], places: list[Place] | None = None
+) -> Rounding | None:
+    """The ``Rounding`` of k weights of one group after their momentum step (which counted it), or None where they
+    take torch's add (fp32 weights, ``weight_update="nearest"``). ``states`` hold their Kahan buffers."""
+    if not rounded_weight(weights[0], group):
+        return None
+    kahan = group["weight_update"] == "kahan"
+    return Rounding(
+        group,
+        [kahan_buffer(state, w) if kahan else None for state, w in zip(states, weights, strict=True)],
+        [(index, int(state["step"])) for index, state in zip(indices, states, strict=True)],
+        places or [ORIGIN] * len(weights),
+    )
 
 
 def apply_updates(
-    weights: list[torch.Tensor], update: torch.Tensor, lr: float | torch.Tensor, weight_decay: float
+    weights: list[torch.Tensor],
+    update: torch.Tensor,
+    lr: float | torch.Tensor,
+    weight_decay: float,
+    rounding: Rounding | None = None,
 ) -> None:
     """W *= 1 - lr * wd; W -= lr * U for k weights of one dtype, from their updates stacked on dim 0 (each already
     scaled per matrix): one foreach op per operation (one launch on a GPU), the same ops on every backend.
@@ -253,8 +289,16 @@ def apply_updates(
     With wd = 0 (the HF Trainer's default) the multiply by 1, a pass over the weights that changes no bit, is
     skipped. An fp32 weight adds a bf16 update as is (promoted exactly inside the add, no fp32 copy), except for
     several weights off the CPU: there the update is first cast to fp32, once for all (a foreach add of mixed
-    dtypes falls back to one launch per tensor on CUDA). bf16/fp16 weights take it in their own dtype.
+    dtypes falls back to one launch per tensor on CUDA). bf16/fp16 weights take it in their own dtype, rounded to
+    nearest, or with ``rounding`` the whole change in fp32, added stochastically or compensated (``weights``).
     """
+    parts = update.chunk(len(weights)) if len(weights) > 1 else (update,)
+    if rounding is not None:
+        deltas = [u.reshape(w.shape).float() * -lr for u, w in zip(parts, weights, strict=True)]  # fp32 temporaries
+        if weight_decay != 0:
+            torch._foreach_add_(deltas, [w.float() * (-lr * weight_decay) for w in weights])
+        add_rounded(weights, deltas, rounding.group, rounding.buffers, rounding.keys, rounding.places)
+        return
     if weight_decay != 0:
         torch._foreach_mul_(weights, 1 - lr * weight_decay)
     dtype, alpha = weights[0].dtype, -lr

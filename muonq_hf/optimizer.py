@@ -23,6 +23,7 @@ from .graphs import GraphRefused, StepGraph
 from .matrices import MatrixPlan, plan_of, shaped
 from .momentum import momentum_step
 from .options import DEFAULTS, validate_group
+from .weights import KAHAN, LOW_PRECISION, rounded_weight
 
 logger = logging.getLogger("transformers.muonq_hf")  # follows the Trainer's --log_level, like its own lines
 GROUP_KEYS = frozenset(DEFAULTS) | {"params"}
@@ -178,8 +179,9 @@ class MuonQ(torch.optim.Optimizer):
                 f"optimizer's state is sharded ({type(backend).__name__}: FSDP2 or ddp_shard_state) or its momentum "
                 "stage is replaced, which it cannot record. Pass cuda_graph=False"
             )
-        # 2. a state written with other storage options is re-encoded first
+        # 2. a state written with other storage options is re-encoded first; Kahan buffers no longer used go
         self._convert_if_options_changed()
+        self._drop_unused_compensation()
         # 3. momentum -> orthogonalize -> apply, each stage where the backend runs it (recorded: muonq_hf.graphs)
         if self.cuda_graph:
             self._graph.step(lambda graph_tasks: backend.step(graph_tasks, self.state), tasks, self.state)
@@ -196,6 +198,16 @@ class MuonQ(torch.optim.Optimizer):
                 validate_group(group)
             except ValueError as exc:
                 raise ValueError(f"{exc} (param group {g}; no state or weight was changed)") from None
+        modes = {group["weight_update"] for group in self.param_groups} - {"nearest"}
+        dtypes = {p.dtype for group in self.param_groups for p in group["params"]}
+        if modes and not dtypes & set(LOW_PRECISION):
+            raise ValueError(
+                f"MuonQ: weight_update={sorted(modes)[0]!r} keeps the changes of bf16 / fp16 weights, but every "
+                f"parameter this optimizer steps is {', '.join(sorted(map(str, dtypes)))} (an fp32 weight, or an fp32 "
+                "master copy under AMP or DeepSpeed, takes every change already); pass weight_update='nearest'. No "
+                "state or weight was changed"
+            )
+        for g, group in enumerate(self.param_groups):
             for p in group["params"] if states else ():
                 state = self.state.get(p)
                 if not state:
@@ -209,6 +221,15 @@ class MuonQ(torch.optim.Optimizer):
                         f"between Muon and AdamW mid-run is not supported (its {other} state cannot become {kind} "
                         "state); restore use_muon, or build a new optimizer. No state or weight was changed"
                     )
+
+    def _drop_unused_compensation(self) -> None:
+        """Free the Kahan buffers of weights that no longer take compensated changes (``weight_update`` edited, the
+        weights cast to fp32): what they held is below half an ulp of each weight."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and KAHAN in state and not (group["weight_update"] == "kahan" and rounded_weight(p, group)):
+                    del state[KAHAN]
 
     def momentum_stage(
         self, plan: MatrixPlan, G: torch.Tensor, state: dict, group: dict, index: int, **rows: Any
@@ -275,10 +296,11 @@ class MuonQ(torch.optim.Optimizer):
             for key, value in now[g].items():  # options the checkpoint predates take the values given now
                 group.setdefault(key, value)
             keys = MUON_STORAGE if group["use_muon"] else ADAMW_STORAGE  # storage options given now win
-            group.update({k: now[g][k] for k in keys})
+            group.update({k: now[g][k] for k in (*keys, "weight_update")})  # and how the weights take changes
         self._remember_storage()
         if changes:
             self._convert(changes, saved, "the checkpoint was saved with other storage options")
+        self._drop_unused_compensation()
         self._backend().keep_local(self._tasks(), self.state)  # DDP state sharding: keep only this rank's part
 
     def _checks_loaded_state(self) -> bool:

@@ -44,6 +44,7 @@ COMMON_DEFAULTS: dict[str, Any] = dict(
     weight_decay=0.0,
     use_muon=False,
     seed=0,  # seeds the first-step Gaussian of the power iteration and stochastic rounding
+    weight_update="nearest",  # how bf16/fp16 weights take their change: "nearest", "stochastic", "kahan" (weights.py)
 )
 
 DEFAULTS: dict[str, Any] = {**COMMON_DEFAULTS, **MUON_DEFAULTS, **ADAMW_DEFAULTS}  # every option's default
@@ -95,6 +96,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "weight_decay": (_finite_at_least(0), "a finite number >= 0"),
     "use_muon": (_is_bool, "True or False"),
     "seed": (_int_at_least(0), "an int >= 0"),
+    "weight_update": (_one_of("nearest", "stochastic", "kahan"), "'nearest', 'stochastic' or 'kahan'"),
     "momentum": (_in_unit, "a finite number in [0, 1)"),
     "nesterov": (_is_bool, "True or False"),
     "ns_steps": (_int_at_least(1, 100), "an int in [1, 100]"),
@@ -152,6 +154,7 @@ _TYPES: dict[str, str] = {
     "adamw_bits": "int",
     "adamw_lr": "float|none",
     "seed": "int",
+    "weight_update": "str",
     "nonfinite": "str",
     "cuda_graph": "bool",
     "split_qkv": "bool",
@@ -162,6 +165,7 @@ OPTIM_ARGS_DEFAULTS: dict[str, Any] = {
     **{k: v for k, v in MUON_DEFAULTS.items() if k in _TYPES},
     **{k: v for k, v in ADAMW_DEFAULTS.items() if k in _TYPES},
     "seed": None,  # None: TrainingArguments.seed
+    "weight_update": "nearest",
     "nonfinite": "error",
     "cuda_graph": False,
     "split_qkv": True,

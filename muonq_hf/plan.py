@@ -47,7 +47,7 @@ def state_bytes_of(routes: list[Route], options: dict | None = None) -> dict[str
     out = {"muon": 0, "adamw": 0}
     for r in routes:
         shape = tuple(shaped(r.param).shape)
-        out["muon" if r.muon else "adamw"] += expected_state_bytes(shape, _group_of(r, options or {}))
+        out["muon" if r.muon else "adamw"] += expected_state_bytes(shape, _group_of(r, options or {}), r.param.dtype)
     return {**out, "total": out["muon"] + out["adamw"]}
 
 
@@ -75,7 +75,7 @@ def report(routes: list[Route], options: dict | None = None) -> str:
         group = _group_of(r, options or {})
         wd = "yes" if r.decay else "no"
         why = r.reason + (f"; {r.note}" if r.note else "")
-        nbytes = expected_state_bytes(tuple(shaped(r.param).shape), group)
+        nbytes = expected_state_bytes(tuple(shaped(r.param).shape), group, r.param.dtype)
         rows.append((r.name, "Muon" if r.muon else "AdamW", describe_plan(r, options), wd, f"{nbytes:,}", why))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]

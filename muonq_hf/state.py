@@ -33,6 +33,7 @@ from .kernels import fused
 from .keyed import generator
 from .lowrank import RowSum, no_reduction, product, rank_for, residual
 from .matrices import MatrixPlan, base_key, batch_key, plan_of
+from .weights import KAHAN, LOW_PRECISION
 
 ZERO_CODE = {4: 0x88, 8: 0}  # the byte of two 4-bit zero codes / one 8-bit zero code
 ADAMW_8BIT_MIN_NUMEL = 4096  # like bitsandbytes' min_8bit_size: tiny tensors keep fp32 moments
@@ -185,7 +186,7 @@ class QuantizedMomentum:
         if "step" not in state:  # before the first step (row entries may already hold an earlier batch's pieces)
             return out
         for key, value in state.items():
-            if key == "step" or not torch.is_tensor(value):
+            if key in ("step", KAHAN) or not torch.is_tensor(value):  # (the weight's Kahan buffer: not momentum)
                 continue
             if self.is_row(key):
                 out[key] = self.plan.take_rows(self._lead(value), b, self.widths(key), self.fill(key), start, count)
@@ -310,9 +311,13 @@ class QuantizedMomentum:
         return out
 
 
-def state_schema(shape: tuple[int, ...], group: dict) -> Schema:
-    """Every state entry of a parameter of ``shape`` in ``group`` (all options set) after a step."""
-    return QuantizedMomentum.of(shape, group).schema() if group["use_muon"] else adamw_schema(shape, group)
+def state_schema(shape: tuple[int, ...], group: dict, dtype: torch.dtype = F32) -> Schema:
+    """Every state entry of a parameter of ``shape`` and ``dtype`` in ``group`` (all options set) after a step: the
+    momentum's or AdamW's, and a low-precision weight's Kahan buffer (``weight_update="kahan"``)."""
+    out = QuantizedMomentum.of(shape, group).schema() if group["use_muon"] else adamw_schema(shape, group)
+    if group["weight_update"] == "kahan" and dtype in LOW_PRECISION:
+        out[KAHAN] = (tuple(shape), dtype)
+    return out
 
 
 # ------------------------------------------------------------------------- DeepSpeed's flat states

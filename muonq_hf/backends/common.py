@@ -18,7 +18,7 @@ from ..adamw import CHUNK_ELEMENTS, adamw_step
 from ..banks import BankCache
 from ..lowrank import RowSum
 from ..matrices import MatrixPlan, plan_of
-from ..momentum import apply_update, apply_updates, momentum_steps, orthogonalized_update
+from ..momentum import apply_update, apply_updates, momentum_steps, orthogonalized_update, rounding_for
 from ..state import adamw_quantized
 
 
@@ -59,7 +59,7 @@ def whole_muon_step(momentum: MomentumStage, task: Task, state: dict) -> None:
             "muonq_hf.deepspeed.DeepSpeedMuonQ (ZeRO stage 1, 2 or 3), or train without DeepSpeed"
         )
     update = whole_muon_update(momentum, p.grad, state, group, task.index)
-    apply_update(p, update, group["lr"], group["weight_decay"])
+    apply_update(p, update, group["lr"], group["weight_decay"], rounding_for([p], group, [state], [task.index]))
 
 
 # Default gradient elements of one shape group (same-plan Muon parameters stepped together, ``whole_muon_steps``),
@@ -140,7 +140,9 @@ def whole_muon_steps(tasks: list[Task], states: list[dict], banks: BankCache) ->
     Gs = [plan.view(t.param.grad.float()) for t in tasks]  # each (E, m, n)
     X = momentum_steps(bank, Gs, group, [t.index for t in tasks])  # (k E, m, n)
     updates = orthogonalized_update(bank.plan, X, group)  # (k E, m, n)
-    apply_updates([t.param.data for t in tasks], updates, group["lr"], group["weight_decay"])
+    weights = [t.param.data for t in tasks]
+    rounding = rounding_for(weights, group, states, [t.index for t in tasks])
+    apply_updates(weights, updates, group["lr"], group["weight_decay"], rounding)
 
 
 def whole_step(momentum: MomentumStage, task: Task, state: dict) -> None:
@@ -149,7 +151,7 @@ def whole_step(momentum: MomentumStage, task: Task, state: dict) -> None:
     if group["use_muon"]:
         whole_muon_step(momentum, task, state)
     else:
-        adamw_step(p, p.grad, state, group, adamw_quantized(tuple(p.shape), group))
+        adamw_step(p, p.grad, state, group, adamw_quantized(tuple(p.shape), group), task.index)
 
 
 # ------------------------------------------------------------------------------------------ ranks

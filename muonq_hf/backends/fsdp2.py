@@ -49,8 +49,9 @@ import torch.distributed as dist
 
 from ..adamw import adamw_step
 from ..matrices import MatrixPlan, plan_of
-from ..momentum import apply_update, ns_dtype, orthogonalized_update
+from ..momentum import apply_update, ns_dtype, orthogonalized_update, rounding_for
 from ..state import QuantizedMomentum, adamw_quantized
+from ..weights import KAHAN, ORIGIN, Place, rounded_weight
 from .common import (
     MomentumStage,
     RowShard,
@@ -204,6 +205,27 @@ def param_layout(p: torch.Tensor) -> Layout:
     return Layout(p.device_mesh, tuple(p.placements), p.shape[0], tuple(p.to_local().shape), tuple(p.shape))
 
 
+def local_place(p: torch.Tensor) -> Place:
+    """The place of ``p``'s local block in ``p`` viewed as (shape[0], rest), which keys the noise of
+    ``weight_update="stochastic"`` (``muonq_hf.weights``): Replicate and Shard(0) placements, Shard(1) of a matrix."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    fits = lambda pl: pl.is_replicate() or (type(pl) is Shard and (pl.dim == 0 or (pl.dim == 1 and p.ndim == 2)))  # noqa: E731
+    if not all(map(fits, p.placements)):
+        raise ValueError(
+            f"MuonQ: weight_update='stochastic' keys its noise by each element's place in the whole parameter, which "
+            f"placements {tuple(p.placements)} (shape {tuple(p.shape)}) do not lay out as a block of rows or columns; "
+            "use weight_update='kahan' for it. No state or weight was changed"
+        )
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return Place(offset[0], offset[1] if p.ndim == 2 else 0, math.prod(p.shape[1:]))
+
+
+def _noise_place(p: torch.Tensor, group: dict) -> Place:
+    """``local_place`` where the noise needs it (a stochastically rounded weight), else the origin."""
+    return local_place(p) if group["weight_update"] == "stochastic" and rounded_weight(p, group) else ORIGIN
+
+
 @contextmanager
 def _local_state(state: dict, layout: Layout, sharded: Callable[[str], bool]) -> Iterator[dict]:
     """This rank's view of ``state``: the entries sharded by ``layout`` (``sharded(key)``, never the step count) as
@@ -330,6 +352,9 @@ class FSDP2Backend:
         return all_finite(grads, groups, agree=True)  # every rank of the mesh: each of its dims in turn
 
     def step(self, tasks: list[Task], states: States) -> None:
+        for task in tasks:  # a layout stochastic weight updates cannot key is refused before anything changes
+            if task.param.grad is not None and is_dtensor(task.param):
+                _noise_place(task.param, task.group)
         by_rows: dict[RowGroup, list[tuple[Task, MatrixPlan]]] = {}  # 2-D matrices: row-sharded, NS on an owner
         for task in tasks:
             p, group = task.param, task.group
@@ -362,7 +387,7 @@ class FSDP2Backend:
                 "adamw_bits=32"
             )
         with _local_state(state, param_layout(p), _every_entry) as local:
-            adamw_step(p.to_local(), p.grad.to_local(), local, group, quantized)
+            adamw_step(p.to_local(), p.grad.to_local(), local, group, quantized, task.index, _noise_place(p, group))
 
     def _experts(self, task: Task, plan: MatrixPlan, state: dict) -> None:
         """Stacked experts: each rank's whole experts take the whole step locally."""
@@ -382,8 +407,10 @@ class FSDP2Backend:
         G = plan.view(p.grad.to_local().float())  # (count, m, n): this rank's experts
         with _local_state(state, param_layout(p), _every_entry) as local:
             X = self.momentum(plan, G, local, group, task.index, experts=(first, p.shape[0]))
-        update = orthogonalized_update(plan, X, group)
-        apply_update(p.to_local(), update, group["lr"], group["weight_decay"])  # the local shard shares p's storage
+            update = orthogonalized_update(plan, X, group)
+            weight = p.to_local()  # the local shard shares p's storage
+            rounding = rounding_for([weight], group, [local], [task.index], [_noise_place(p, group)])
+            apply_update(weight, update, group["lr"], group["weight_decay"], rounding)
 
     def _on_owners(self, rows: RowGroup, matrices: list[tuple[Task, MatrixPlan]], states: States) -> None:
         """Row-sharded 2-D matrices of one row group (FSDP2, HSDP), each stepped whole on an owner rank.
@@ -453,8 +480,11 @@ class FSDP2Backend:
         layout = Layout(rows.mesh, rows.placements, item.plan.m)
         for key, value in zip(schema, entries, strict=True):
             state[key] = layout.wrap(value) if item.momentum.is_row(key) else value
-        group = item.task.group
-        apply_update(item.param.to_local(), update, group["lr"], group["weight_decay"])
+        group, weight = item.task.group, item.param.to_local()
+        place = Place(item.ranges[rows.rank][0])  # this rank's first row
+        with _local_state(state, param_layout(item.param), lambda key: key == KAHAN) as local:
+            rounding = rounding_for([weight], group, [local], [item.task.index], [place])
+            apply_update(weight, update.reshape(weight.shape), group["lr"], group["weight_decay"], rounding)
 
     def _matrices(self, rows: RowGroup, matrices: list[tuple[Task, MatrixPlan]], states: States) -> None:
         """Row-sharded 2-D matrices of one row group: momentum on local rows, then NS round by round on the owners
@@ -486,7 +516,10 @@ class FSDP2Backend:
                 if rows.gathered:  # the whole update, then this rank's block of the weight's own layout
                     update = _whole_rows(update, plan.m, pg, world)
                     update = distribute_tensor(update, p.device_mesh, p.placements, src_data_rank=None).to_local()
-                apply_update(p.to_local(), update, task.group["lr"], task.group["weight_decay"])
+                group, weight = task.group, p.to_local()
+                with _local_state(states[p], param_layout(p), lambda key: key == KAHAN) as local:
+                    rounding = rounding_for([weight], group, [local], [task.index], [_noise_place(p, group)])
+                    apply_update(weight, update, group["lr"], group["weight_decay"], rounding)
 
     # -------------------------------------------------------------------------------- checkpoints
     @contextmanager

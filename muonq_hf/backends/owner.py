@@ -22,6 +22,7 @@ import torch.distributed as dist
 from ..adamw import adamw_step, adamw_steps
 from ..banks import BankCache
 from ..state import adamw_quantized
+from ..weights import Place
 from .common import (
     MomentumStage,
     Task,
@@ -104,7 +105,8 @@ class OwnerBackend:
             start, count = ranges[self.rank]
             if count or not self.sharded:  # (one process steps even an empty tensor, as torch's AdamW)
                 rows = slice(start, start + count)
-                adamw_step(p.data[rows], p.grad[rows], states[p], group, adamw_quantized(tuple(p.shape), group))
+                adamw_step(p.data[rows], p.grad[rows], states[p], group, adamw_quantized(tuple(p.shape), group),
+                           task.index, Place(start))
             for r, (start_r, count_r) in enumerate(ranges):
                 if count_r:  # rows of a contiguous tensor: a contiguous view, filled in place by the broadcast
                     sent.append((p.data[start_r : start_r + count_r], r))
