@@ -65,6 +65,19 @@ def test_equivalence_tolerance_can_fail(world):
     assert world[0]["broken_reducer_weights_rel_diff"] > 100 * TOL, world[0]["broken_reducer_weights_rel_diff"]
 
 
+def test_bf16_weights_under_fsdp2_take_the_one_process_updates(world):
+    """bf16 weights without an fp32 master copy, 6 steps of given gradients on 2 ranks against one process: equal
+    bit for bit. Stochastic rounding keys its noise by each element's place in the whole parameter, so the shards
+    draw what one process draws (other noise keys, the control, round a good share of the elements otherwise).
+    Kahan buffers are DTensors laid out like their weights, and a sharded checkpoint of them resumes bit-exactly."""
+    low = world[0]["low_precision"]
+    assert low["stochastic_difference"] is None, low["stochastic_difference"]
+    assert low["other_noise_differing"] > 0.05, low
+    assert low["kahan_difference"] is None, low["kahan_difference"]
+    assert low["buffers_like_weights"], low
+    assert low["kahan_resume_difference"] is None, low["kahan_resume_difference"]
+
+
 def test_state_is_row_sharded_and_replicated(world):
     res = world[0]
     assert res["state_layout_ok"], "row-sharded entries must be DTensors with the parameter's mesh/placements"

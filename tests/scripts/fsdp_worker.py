@@ -18,6 +18,7 @@ from fsdp_common import (
     SHARDED,
     STEPS,
     counted_collectives,
+    dcp_state,
     first_difference,
     full_state,
     make_model,
@@ -41,6 +42,7 @@ import muonq_hf.backends.fsdp2 as fsdp2_backend
 from muonq_hf import MuonQ, state_bytes
 from muonq_hf.matrices import plan_of  # noqa: E402
 from muonq_hf.state import QuantizedMomentum  # noqa: E402
+from muonq_hf.weights import KAHAN  # noqa: E402
 
 
 def fsdp(config: str, seed: int = 0) -> tuple[torch.nn.Module, MuonQ]:
@@ -194,6 +196,57 @@ def main() -> None:
     ref_opt = make_optimizer(ref_model, "muonq")
     train(ref_model, ref_opt, range(STEPS))
     res["resume_1to2_weights_rel_diff"] = max_rel_diff(weights(model), weights(ref_model))
+
+    # ---------------------------------------------------------------- low-precision weights (bf16, no fp32 master)
+    # The gradients are given (the same whole bf16 gradient in both runs, sharded here like the weight): a bf16
+    # forward on half batches would differ from one process by bf16 rounding, and every rounding decision with it.
+    def bf16(mode: str, init: int = 0, sharded: bool = True, **options) -> tuple[torch.nn.Module, MuonQ]:
+        model = make_model(init).to(torch.bfloat16)
+        if sharded:
+            fully_shard(model)
+        return model, make_optimizer(model, "muonq", weight_update=mode, **options)
+
+    def given_steps(model: torch.nn.Module, opt: MuonQ, steps: range) -> None:
+        for step in steps:
+            for i, p in enumerate(model.parameters()):
+                g = torch.Generator().manual_seed(100 * step + i)
+                grad = torch.randn(p.shape, generator=g).to(torch.bfloat16)
+                p.grad = distribute_tensor(grad, p.device_mesh, p.placements) if isinstance(p, DTensor) else grad
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    def differing(a: dict, b: dict) -> float:  # the fraction of weight elements that differ
+        return sum(int((a[k] != b[k]).sum()) for k in b) / sum(b[k].numel() for k in b)
+
+    low: dict = {}
+    for mode in ("stochastic", "kahan"):
+        ref_model, ref_opt = bf16(mode, sharded=False)
+        given_steps(ref_model, ref_opt, range(STEPS))
+        model, opt = bf16(mode)
+        given_steps(model, opt, range(STEPS))
+        low[f"{mode}_difference"] = first_difference(weights(model), weights(ref_model))
+        if mode == "stochastic":  # the control: other noise keys (seed=1) round this many elements otherwise
+            other_model, other_opt = bf16(mode, sharded=False, seed=1)
+            given_steps(other_model, other_opt, range(STEPS))
+            low["other_noise_differing"] = differing(weights(other_model), weights(ref_model))
+        else:  # the buffers are DTensors laid out like their weights, and a sharded checkpoint resumes exactly
+            low["buffers_like_weights"] = all(
+                opt.state[p][KAHAN].placements == p.placements and opt.state[p][KAHAN].shape == p.shape
+                for group in opt.param_groups for p in group["params"]
+            )
+            model, opt = bf16(mode)
+            given_steps(model, opt, range(HALF))
+            kahan_dir = os.path.join(args.out, "ckpt_kahan")
+            dcp.save(dcp_state(model, opt), checkpoint_id=kahan_dir)
+            given_steps(model, opt, range(HALF, STEPS))
+            resumed, opt2 = bf16(mode, init=1)
+            sd = dcp_state(resumed, opt2)
+            dcp.load(sd, checkpoint_id=kahan_dir)
+            set_model_state_dict(resumed, sd["model"])
+            set_optimizer_state_dict(resumed, opt2, sd["optim"], options=SHARDED)
+            given_steps(resumed, opt2, range(HALF, STEPS))
+            low["kahan_resume_difference"] = first_difference(weights(resumed), weights(model))
+    res["low_precision"] = low
 
     # ---------------------------------------------------------------- refusals and non-finite agreement
     model, opt = fsdp("muonq")
