@@ -10,6 +10,8 @@ gpu      the GPU check (benchmarks/gpu.py): CUDA checks, then step time and peak
          bounded by --budget seconds                             -> DIR/gpu.json, DIR/gpu.md
 peak     peak memory of real training steps (GPT-2 small, fp32, batch 1 x 128), one process per optimizer
                                                                 -> results/peak.json
+lowprec  bf16 weights without an fp32 master copy: pure-bf16 training by weight_update against the fp32-master run
+         (run_clm, 4 runs) and each mode's step cost                  -> results/low_precision.json
 quality  summary of the cached quality study; ``--run`` trains the missing runs (long, resumable)
                                                                 -> results/quality_runs.json, quality.json
 report   RESULTS.md and PNG charts from the JSON files
@@ -156,6 +158,18 @@ def cmd_quality(args: argparse.Namespace) -> None:
                                       "n_runs": len(cache), **summary})
 
 
+def cmd_lowprec(args: argparse.Namespace) -> None:
+    from . import low_precision
+
+    cost = low_precision.cost(args.quick)
+    for row in cost["rows"].values():
+        print(f"  {row['label']:46s} {row['median_s'] * 1e3:8.1f} ms  x{row['vs_muonq_nearest']:.2f} vs nearest")
+    quality = low_precision.quality(args.quick)
+    for name, row in quality["rows"].items():
+        print(f"  {name:16s} eval loss {row['eval_loss']:.4f}  {100 * row['vs_fp32_master']:+.2f}% vs fp32 master")
+    _write(args.out, "low_precision.json", {"machine": machine(), "cost": cost, "quality": quality})
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from .report import write_report
 
@@ -164,7 +178,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=("memory", "launches", "speed", "peak", "gpu", "quality", "report", "all"))
+    commands = ("memory", "launches", "speed", "peak", "gpu", "lowprec", "quality", "report", "all")
+    parser.add_argument("command", choices=commands)
     parser.add_argument("--quick", action="store_true", help="tiny models, few repeats (seconds)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for results/, RESULTS.md, PNGs")
     parser.add_argument("--shape", default=SPEED_SHAPE, help="speed model (see benchmarks/models.py)")
@@ -182,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--quick does not train; run `python -m benchmarks quality --run` for the study")
     torch.set_num_threads(args.threads)
     commands = {"memory": [cmd_memory], "launches": [cmd_launches], "speed": [cmd_speed], "peak": [cmd_peak],
-                "gpu": [cmd_gpu], "quality": [cmd_quality], "report": [cmd_report],
+                "gpu": [cmd_gpu], "lowprec": [cmd_lowprec], "quality": [cmd_quality], "report": [cmd_report],
                 "all": [cmd_memory, cmd_launches, cmd_speed, cmd_peak, cmd_quality, cmd_report]}
     for fn in commands[args.command]:
         fn(args)

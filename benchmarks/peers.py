@@ -4,7 +4,8 @@
   hidden matrices as MuonQ, and ``torch.optim.AdamW`` on the rest: two optimizers stepped together.
 * ``keller_muon``: Keller Jordan's ``muon`` package (PyPI ``muon-optimizer``), ``SingleDeviceMuonWithAuxAdam``
   with the same split.
-* ``torchao_adamw8bit`` / ``torchao_adamw4bit``: torchao's low-bit AdamW on every parameter.
+* ``torchao_adamw8bit`` / ``torchao_adamw4bit``: torchao's low-bit AdamW on every parameter (``_bf16sr``: with its
+  ``bf16_stochastic_round`` option, for bf16 weights without an fp32 master copy).
 * ``paper_muonq``: the MuonQ paper's own code (``MuonQ`` of ``src/optim/muonq.py`` in a checkout of the authors'
   repository, github.com/YupengSu/MuonQ, Apache-2.0), with the options of its ``muonq.yaml`` (4-bit, per-tensor
   scale, normalization, mu-law, rank min(m, n) // 16). It is not on PyPI and not vendored here: set
@@ -55,6 +56,7 @@ class Together:
 
 
 PACKAGES = {"keller_muon": "muon", "torchao_adamw8bit": "torchao", "torchao_adamw4bit": "torchao",
+            "torchao_adamw8bit_bf16sr": "torchao",
             "bnb_adamw8bit_hf": "bitsandbytes", "bnb": "bitsandbytes"}  # kind -> the package it needs
 
 
@@ -149,9 +151,10 @@ def build_peer(kind: str, model: nn.Module, lr: float, weight_decay: float) -> t
             bnb.optim.AdamW8bit(rest, lr=lr, betas=betas, weight_decay=weight_decay),
             bnb.optim.AdamW(embedding_params, lr=lr, betas=betas, weight_decay=weight_decay, optim_bits=32),
         )
-    if kind in ("torchao_adamw8bit", "torchao_adamw4bit"):
+    if kind in ("torchao_adamw8bit", "torchao_adamw4bit", "torchao_adamw8bit_bf16sr"):
         from torchao.optim import AdamW4bit, AdamW8bit
 
-        cls = AdamW8bit if kind == "torchao_adamw8bit" else AdamW4bit
-        return cls(params, lr=lr, betas=betas, weight_decay=weight_decay)
+        cls = AdamW4bit if kind == "torchao_adamw4bit" else AdamW8bit
+        rounding = {"bf16_stochastic_round": True} if kind.endswith("_bf16sr") else {}  # its pure-bf16 option
+        return cls(params, lr=lr, betas=betas, weight_decay=weight_decay, **rounding)
     raise ValueError(f"unknown peer optimizer {kind!r}")

@@ -39,7 +39,7 @@ CORE_ROWS = ("muon_fp32", "muonq", "naive4", "adamw", "bnb_adamw8bit")  # the ro
 LLAMA_ROWS = ("muon_fp32", "muonq", "muonq_adam8", "naive4", "adamw", "bnb_adamw8bit")
 MODELS = ("gpt2", "llama")  # each with its own lr grid
 OPTIM_ARGS_ORDER = ("bits", "normalize", "rank_divisor", "mu", "block_size", "store_norm", "stochastic_rounding",
-                    "adamw_bits", "ns_coefficients")
+                    "adamw_bits", "ns_coefficients", "weight_update")
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,14 @@ GRAPH_ROWS = [Variant("muonq_graph", "MuonQ 4-bit, step as a CUDA graph", "muonq
 # MuonQ orthogonalizing GPT-2's fused c_attn as one 768 x 2304 matrix, as torch.optim.Muon does: the cost of the
 # per-piece q/k/v Newton-Schulz that docs/design.md ("Which matrices") requires, measured beside the default
 WHOLE_QKV_ROWS = [Variant("muonq_whole_qkv", "MuonQ 4-bit, fused QKV as one matrix", "muonq", dict(split_qkv=False))]
+# bf16 weights without an fp32 master copy (muonq_hf.weights): how each weight_update mode keeps the updates, with
+# what a pure-bf16 user runs instead (round to nearest, torchao's stochastic rounding)
+LOW_PRECISION_ROWS = [
+    Variant("muonq_bf16_stochastic", "MuonQ, bf16 weights rounded stochastically", "muonq",
+            dict(weight_update="stochastic")),
+    Variant("muonq_bf16_kahan", "MuonQ, bf16 weights with Kahan buffers", "muonq", dict(weight_update="kahan")),
+    Variant("torchao_adamw8bit_bf16sr", "torchao AdamW8bit, bf16 stochastic rounding", "torchao_adamw8bit_bf16sr"),
+]
 PEER_ROWS = [
     Variant("torch_muon", "torch.optim.Muon + AdamW", "torch_muon"),
     Variant("keller_muon", "Keller Jordan's Muon + Adam", "keller_muon"),
@@ -76,7 +84,8 @@ PEER_ROWS = [
     Variant("torchao_adamw4bit", "torchao AdamW4bit", "torchao_adamw4bit"),
 ]
 VARIANTS: dict[str, Variant] = {
-    v.name: v for v in MAIN_ROWS + ABLATION_ROWS + PEER_ROWS + BATCHING_ROWS + WHOLE_QKV_ROWS + GRAPH_ROWS
+    v.name: v
+    for v in MAIN_ROWS + ABLATION_ROWS + PEER_ROWS + BATCHING_ROWS + WHOLE_QKV_ROWS + GRAPH_ROWS + LOW_PRECISION_ROWS
 }
 # step time: MuonQ against what users would pick instead, and the package's own fp32 Muon
 SPEED_ROWS = [VARIANTS[name] for name in (

@@ -23,6 +23,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 
+import torch
 import transformers
 from corpus import DEFAULT_MAX_CHARS, DEFAULT_VOCAB_SIZE, group_texts, load_corpus_datasets, train_bpe_tokenizer
 from transformers import (
@@ -57,6 +58,12 @@ class ModelArguments:
     )
     tokenizer_name: str | None = field(default=None, metadata={"help": "A local tokenizer; default: train a BPE."})
     vocab_size: int = field(default=DEFAULT_VOCAB_SIZE, metadata={"help": "Vocabulary of the on-the-fly BPE."})
+    torch_dtype: str = field(
+        default="float32",
+        metadata={"help": "dtype the weights are kept in: float32, or bfloat16 / float16 for pure low-precision "
+                  "training without an fp32 master copy (pair it with --optim_args weight_update=kahan or "
+                  "stochastic; --bf16 instead keeps fp32 weights and computes in bf16)."},
+    )
 
 
 @dataclass
@@ -106,7 +113,16 @@ def load_user_texts(data_args: DataArguments, cache_dir: str | None) -> tuple[li
     return train[:-n_eval], train[-n_eval:]
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def build_model(model_args: ModelArguments, tokenizer, block_size: int):
+    if model_args.torch_dtype not in DTYPES:
+        raise ValueError(f"--torch_dtype {model_args.torch_dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    return _new_or_loaded(model_args, tokenizer, block_size).to(DTYPES[model_args.torch_dtype])
+
+
+def _new_or_loaded(model_args: ModelArguments, tokenizer, block_size: int):
     if model_args.model_name_or_path is not None:
         model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
         if model.get_input_embeddings().num_embeddings < len(tokenizer):

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels import fused
 from .keyed import MASK32, _hash32, key_of
 
 WEIGHT_UPDATES = ("nearest", "stochastic", "kahan")
@@ -77,9 +78,16 @@ def add_rounded(
         _kahan_add(weights, deltas, buffers)
         return
     for weight, delta, key, place in zip(weights, deltas, keys, places, strict=True):
-        target = weight.float() + delta
-        noise = uniform_noise(weight.shape, key_of(group["seed"], *key, NOISE_KIND), place, weight.device)
-        weight.copy_(stochastic_round(target, noise, weight.dtype))
+        rows = weight.shape[0] if weight.ndim else 1
+        view = weight.view(rows, -1) if weight.numel() else weight  # (rows, cols)
+        cols = view.shape[-1] if view.ndim == 2 else 1
+        width = cols if place.width is None else place.width
+        if rows and (place.row + rows) * width >= 2**32:
+            raise ValueError(f"MuonQ: weight_update='stochastic' keys at most 2^32 elements per parameter, got "
+                             f"{tuple(weight.shape)}")
+        full = key_of(group["seed"], *key, NOISE_KIND)
+        view.copy_(_stochastic_add(view, delta.view(view.shape), place.row, place.col, width,
+                                   full & MASK32, (full >> 32) & MASK32))
 
 
 def _kahan_add(weights: list[torch.Tensor], deltas: list[torch.Tensor], buffers: list[torch.Tensor]) -> None:
@@ -93,27 +101,62 @@ def _kahan_add(weights: list[torch.Tensor], deltas: list[torch.Tensor], buffers:
 
 
 def stochastic_round(x: torch.Tensor, noise: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """fp32 ``x`` rounded to ``dtype``, to one of its two neighbours: the farther one with probability
-    |x - nearest| / |gap|, where ``noise`` (uniform in [0, 1), x's shape) falls below it. Unbiased; exact values
-    stay; a value past the dtype's range rounds to inf as nearest does."""
+    """fp32 ``x`` rounded to the 16-bit ``dtype``, to one of its two neighbours, unbiased: the one farther from x with
+    probability |x - nearest| / gap. ``noise``: int32 draws uniform in [0, 2^16), x's shape. Exact values stay.
+
+    bf16 is fp32's upper half: the draw is added to the 16 bits bf16 drops and they are cut off (the larger
+    magnitude with probability dropped / 2^16; the add and the cut act on the bits, so a compiler cannot skip a
+    rounding). fp16 takes the neighbour of x's nearest value towards x, chosen when noise / 2^16 < |error| / gap."""
+    if dtype == torch.bfloat16:
+        return ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(dtype)  # exact: the low bits are 0
     nearest = x.to(dtype)
     error = x - nearest.float()  # exact in fp32
-    other = torch.nextafter(nearest, torch.where(error > 0, torch.inf, -torch.inf).to(dtype))
+    other = _neighbour(nearest, error > 0)
     gap = other.float() - nearest.float()
-    return torch.where(noise * gap.abs() < error.abs(), other, nearest)
+    return torch.where(noise.float() / 2**16 * gap.abs() < error.abs(), other, nearest)
 
 
-def uniform_noise(shape: torch.Size, key: int, place: Place, device: torch.device) -> torch.Tensor:
-    """Uniform fp32 draws in [0, 1) of ``shape`` (viewed as (rows, cols)) under the 63-bit ``key``: the element at
-    (row, col) of the whole parameter draws from its counter row * width + col only (``Place``), on the device, with
-    no generator and no host-to-device copy."""
+def _neighbour(value: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The next 16-bit float after ``value`` upwards (``up``) or downwards, by its bits: the magnitude bits step away
+    from zero or towards it; zero steps to the smallest subnormal of the sign asked for."""
+    bits = value.view(torch.int16).to(torch.int32)  # sign bit on top: +1 is one step away from zero for either sign
+    stepped = bits + torch.where(up == (value > 0), 1, -1)
+    stepped = torch.where(value == 0, torch.where(up, 1, -32767), stepped)  # -32767: the bits 0x8001 as an int16
+    return stepped.to(torch.int16).view(value.dtype)
+
+
+def _noise(counter: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """int32 draws uniform in [0, 2^16) of int64 counters < 2^32 under the 32-bit key halves ``low``, ``high``."""
+    return (_hash32(_hash32(counter ^ low) ^ high) >> 16).to(torch.int32)
+
+
+def _stochastic_add_eager(weight: torch.Tensor, delta: torch.Tensor, row: int, col: int, width: int, low: int,
+                          high: int) -> torch.Tensor:
+    """``stochastic_round(weight + delta)`` of a (rows, cols) block at (row, col) of a parameter ``width`` wide, its
+    noise under the key (low, high): compiled, one kernel (the ints are symbolic inputs: a new step compiles
+    nothing)."""
+    rows, cols = weight.shape
+    r = torch.arange(rows, device=weight.device, dtype=torch.int64) + row
+    c = torch.arange(cols, device=weight.device, dtype=torch.int64) + col
+    noise = _noise(r.view(-1, 1) * width + c, low, high)  # (rows, cols)
+    return stochastic_round(weight.float() + delta, noise, weight.dtype)
+
+
+_stochastic_add_bf16 = fused(_stochastic_add_eager)
+
+
+def _stochastic_add(weight: torch.Tensor, *args: int | torch.Tensor) -> torch.Tensor:
+    """bf16 compiled; fp16 eager (a compiled fp32 -> fp16 -> fp32 round trip may skip its rounding)."""
+    run = _stochastic_add_bf16 if weight.dtype == torch.bfloat16 else _stochastic_add_eager
+    return run(weight, *args)
+
+
+def noise_bits(shape: torch.Size, key: int, place: Place, device: torch.device) -> torch.Tensor:
+    """The draws (int32, uniform in [0, 2^16)) of ``shape`` (viewed as (rows, cols)) under the 63-bit ``key``: the
+    element at (row, col) of the whole parameter draws from its counter row * width + col only (``Place``)."""
     rows = shape[0] if len(shape) else 1
     cols = int(torch.Size(shape).numel()) // max(rows, 1) if rows else 0
     width = cols if place.width is None else place.width
     r = torch.arange(place.row, place.row + rows, device=device, dtype=torch.int64)
     c = torch.arange(place.col, place.col + cols, device=device, dtype=torch.int64)
-    counter = r.view(-1, 1) * width + c  # (rows, cols)
-    if rows and (place.row + rows) * width >= 2**32:
-        raise ValueError(f"MuonQ: weight_update='stochastic' keys at most 2^32 elements per parameter, got {shape}")
-    bits = _hash32(_hash32(counter ^ (key & MASK32)) ^ ((key >> 32) & MASK32))
-    return (bits.float() / 2**32).view(shape)
+    return _noise(r.view(-1, 1) * width + c, key & MASK32, (key >> 32) & MASK32).view(shape)

@@ -16,9 +16,10 @@ from muonq_hf.backends import Task
 from muonq_hf.backends.common import muon_groups
 from muonq_hf.graphs import GraphRefused, check_recordable
 from muonq_hf.hf import parse_optim_args
+from muonq_hf.kernels import set_compile
 from muonq_hf.keyed import key_of
 from muonq_hf.memory import expected_state_bytes
-from muonq_hf.weights import KAHAN, Place, stochastic_round, uniform_noise
+from muonq_hf.weights import KAHAN, Place, _stochastic_add_bf16, _stochastic_add_eager, noise_bits, stochastic_round
 
 
 # ------------------------------------------------------------------------------------------ the two adds
@@ -29,7 +30,7 @@ def test_stochastic_rounding_is_unbiased_and_keeps_exact_values(dtype):
     low = torch.tensor(1.0, dtype=dtype)
     gap = float(torch.nextafter(low, torch.tensor(2.0, dtype=dtype))) - 1.0
     n = 1 << 16
-    noise = uniform_noise((n,), key_of(0, 1), Place(), torch.device("cpu"))
+    noise = noise_bits((n,), key_of(0, 1), Place(), torch.device("cpu"))
     for fraction in (0.05, 0.3, 0.5, 0.8):
         x = torch.full((n,), 1.0 + fraction * gap)
         rounded = stochastic_round(x, noise, dtype).float()
@@ -44,15 +45,31 @@ def test_stochastic_rounding_is_unbiased_and_keeps_exact_values(dtype):
 
 def test_the_noise_of_a_block_is_the_whole_parameters_noise_at_its_place():
     """A shard or chunk (rows 3..7 and columns 2..5 of a 10 x 6 parameter) draws the numbers the whole parameter
-    draws there: ranks and chunks agree with one process. The draws are uniform: mean 0.5, all in [0, 1)."""
+    draws there: ranks and chunks agree with one process. The draws are uniform in [0, 2^16): mean 2^15."""
     key, cpu = key_of(7, 3, 11, 4), torch.device("cpu")
-    whole = uniform_noise((10, 6), key, Place(), cpu)
-    assert torch.equal(uniform_noise((4, 3), key, Place(3, 2, 6), cpu), whole[3:7, 2:5])
-    assert torch.equal(uniform_noise((4, 6), key, Place(3), cpu), whole[3:7])
-    many = uniform_noise((256, 1024), key, Place(), cpu)
-    assert float(many.min()) >= 0 and float(many.max()) <= 1
-    assert abs(float(many.mean()) - 0.5) < 4 * (1 / 12 / many.numel()) ** 0.5
-    assert not torch.equal(uniform_noise((10, 6), key_of(7, 3, 12, 4), Place(), cpu), whole)  # the next step differs
+    whole = noise_bits((10, 6), key, Place(), cpu)
+    assert torch.equal(noise_bits((4, 3), key, Place(3, 2, 6), cpu), whole[3:7, 2:5])
+    assert torch.equal(noise_bits((4, 6), key, Place(3), cpu), whole[3:7])
+    many = noise_bits((256, 1024), key, Place(), cpu).double() / 2**16
+    assert float(many.min()) >= 0 and float(many.max()) < 1
+    assert abs(float(many.mean()) - 0.5) < 4 * (1 / 12 / many.numel()) ** 0.5, float(many.mean())
+    assert not torch.equal(noise_bits((10, 6), key_of(7, 3, 12, 4), Place(), cpu), whole)  # the next step differs
+
+
+def test_the_compiled_stochastic_add_gives_the_eager_values_and_compiles_once():
+    """The bf16 add is one compiled kernel whose values are the eager ones bit for bit, and a new step's key and a
+    new place (ints) compile nothing again."""
+    torch._dynamo.reset()
+    set_compile(True)
+    try:
+        weight = torch.randn(96, 160).to(torch.bfloat16)
+        delta = torch.randn(96, 160) * 1e-3
+        for step in range(3):
+            args = (weight, delta, 5 * step, 0, 160, 12345 + step, 999 + 7 * step)
+            assert torch.equal(_stochastic_add_bf16(*args), _stochastic_add_eager(*args)), step
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    finally:
+        set_compile(False)
 
 
 @pytest.mark.parametrize("mode", ["kahan", "stochastic"])
