@@ -42,8 +42,10 @@ from .speed import step_times
 from .variants import VARIANTS
 
 GPU_SPEED_ROWS = ("torch_muon", "keller_muon", "muonq", "muonq_graph", "muonq_unbatched", "muonq_adam8", "adamw",
-                  "bnb_adamw8bit_hf", "torchao_adamw8bit")
+                  "bnb_adamw8bit_hf", "torchao_adamw8bit", "muonq_bf16_kahan", "muonq_bf16_stochastic",
+                  "torchao_adamw8bit_bf16sr")
 CUDA_ONLY_ROWS = ("muonq_graph",)  # left out of the quick CPU run
+BF16_ONLY_ROWS = ("muonq_bf16_kahan", "muonq_bf16_stochastic", "torchao_adamw8bit_bf16sr")  # bf16 weights' options
 GPU_PEAK_ROWS = ("none", "adamw", "bnb_adamw8bit_hf", "torchao_adamw8bit", "torch_muon", "muonq", "muonq_unbatched",
                  "muonq_adam8", "muonq_graph")
 
@@ -318,7 +320,8 @@ def run(out: Path, device: str, quick: bool, budget: float, command: str) -> dic
         # torchao compiles its step per parameter shape: on the large shapes that alone would take minutes
         rows = [VARIANTS[r] for r in GPU_SPEED_ROWS if r not in missing
                 and not ((quick or shape != "gpt2-small") and r.startswith("torchao"))
-                and not (dev.type != "cuda" and r in CUDA_ONLY_ROWS)]
+                and not (dev.type != "cuda" and r in CUDA_ONLY_ROWS)
+                and not (dtype == torch.float32 and r in BF16_ONLY_ROWS)]
         report["speed"][shape] = step_times(shape, rows, warmup=1 if quick else 2, rounds=2 if quick else 5,
                                             device=device, dtype=dtype)
         save()

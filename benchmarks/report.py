@@ -18,6 +18,7 @@ make bench                                   # = .venv/bin/python -m benchmarks 
 .venv/bin/python -m benchmarks speed         # results/speed.json (CPU, 1 thread, 2 warm-up + 9 timed steps per row)
 git clone https://github.com/YupengSu/MuonQ ../MuonQ-paper   # the paper's code, for its speed row (not vendored)
 MUONQ_REFERENCE_SRC=../MuonQ-paper .venv/bin/python -m benchmarks speed   # the same, with the paper's MuonQ row
+.venv/bin/python -m benchmarks lowprec       # results/low_precision.json: pure-bf16 runs by weight_update, step cost
 .venv/bin/python -m benchmarks peak          # results/peak.json (GPT-2 small training steps, a process per row)
 PYTHONPATH=. python3 -m benchmarks gpu --out DIR  # GPU machine: CUDA checks, speed, peak (<= 7 min)
 nohup .venv/bin/python -m benchmarks quality --run > runs/bench_quality/driver.log 2>&1 &   # the training study
@@ -153,6 +154,27 @@ def extra_speed_section(name: str, speed: dict) -> list[str]:
         lines.append(f"| {row['label']} | {row['median_s'] * 1e3:,.1f} | "
                      + " | ".join(f"{row[f'ratio_vs_{r}']:.2f}" for r in refs) + " |")
     lines.append("")
+    return lines
+
+
+def low_precision_section(lp: dict) -> list[str]:
+    """bf16 weights without an fp32 master copy (``python -m benchmarks lowprec``): training runs and step cost."""
+    q, cost, m = lp["quality"], lp["cost"], lp["machine"]
+    lines = ["## Low-precision weights", "",
+             f"`python -m benchmarks lowprec` (`results/low_precision.json`), CPU: {m['cpu']}. `examples/run_clm.py` "
+             f"trains a GPT-2 ({q['layers']} layers, width {q['width']}, vocab {q['vocab']}) for {q['steps']} steps "
+             f"with MuonQ at lr {q['lr']:g} (the quality study's schedule); the reference keeps fp32 weights and "
+             "computes in bf16 (`--bf16`), the others keep the weights in bf16 with no fp32 copy "
+             "(`--torch_dtype bfloat16`) and `--optim_args weight_update=...`. Eval loss of one seed:", "",
+             "| weights | eval loss | vs fp32 master |", "|---|---:|---:|"]
+    for name, row in q["rows"].items():
+        lines.append(f"| {name} | {row['eval_loss']:.4f} | {100 * row['vs_fp32_master']:+.2f}% |")
+    lines += ["", f"Optimizer step on bf16 weights, `{cost['shape']}` shapes (CPU time, one thread, median of "
+              f"{cost['rounds']} steps, all rows interleaved in one process):", "",
+              "| optimizer | median ms | / MuonQ nearest |", "|---|---:|---:|"]
+    for row in cost["rows"].values():
+        lines.append(f"| {row['label']} | {row['median_s'] * 1e3:,.1f} | {row['vs_muonq_nearest']:.2f} |")
+    lines += ["", "The GPU cost of each mode is not measured yet (no GPU run since the option exists).", ""]
     return lines
 
 
@@ -433,6 +455,9 @@ def write_report(out: Path) -> Path:
         lines += extra_speed_section(f"speed_{name}.json", extra)
     if peak:
         lines += peak_section(peak)
+    low_precision = _load(out, "low_precision.json")
+    if low_precision:
+        lines += low_precision_section(low_precision)
     if q and q["rows"]:
         lines += quality_section(q)
         plot_curves(load_cache(), q, out / "loss_curves.png")

@@ -70,7 +70,17 @@ def check_state_dict(param_groups: list[dict], defaults: dict, state_dict: Any) 
     if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
         raise CheckpointError("MuonQ.load_state_dict: not an optimizer state dict (needs 'state' and 'param_groups')")
     saved_groups, state = state_dict["param_groups"], state_dict["state"]
+    if not isinstance(state, dict) or not isinstance(saved_groups, (list, tuple)):
+        raise CheckpointError(
+            f"MuonQ.load_state_dict: 'state' must be a dict and 'param_groups' a list, got a "
+            f"{type(state).__name__} and a {type(saved_groups).__name__}: the checkpoint is corrupt"
+        )
     for g, saved in enumerate(saved_groups):
+        if not isinstance(saved, dict) or not isinstance(saved.get("params"), (list, tuple)):
+            raise CheckpointError(
+                f"MuonQ.load_state_dict: param group {g} of the checkpoint is not a dict with a 'params' list: the "
+                "checkpoint is corrupt"
+            )
         if "use_muon" not in saved:
             raise CheckpointError(
                 f"MuonQ.load_state_dict: param group {g} of the checkpoint has no 'use_muon': it was not saved by "

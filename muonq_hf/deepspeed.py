@@ -177,11 +177,9 @@ class DeepSpeedMuonQ(MuonQ):
     def _refresh_group_ids(self) -> None:
         self._group_ids = {id(g): i for i, g in enumerate(self.param_groups)}
 
-    def _checks_loaded_state(self) -> bool:
-        return not self._under_zero()  # ZeRO's flat partitions carry "m{i}." entries, checked by DeepSpeed's loader
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Refuse a checkpoint of another data-parallel world size first (nothing changes), then load."""
+    def _check_loaded(self, state_dict: dict) -> None:
+        """Refuse a checkpoint of another data-parallel world size or owner assignment (nothing changes); outside
+        ZeRO, MuonQ's checks (under ZeRO the flat partitions' "m{i}." entries are checked by DeepSpeed's loader)."""
         params = [ref() for refs in self._lp_refs for ref in refs if ref() is not None]
         world = dist.get_world_size(_dp_group(params)) if dist.is_initialized() else 1
         for state in state_dict.get("state", {}).values():
@@ -194,7 +192,13 @@ class DeepSpeedMuonQ(MuonQ):
                     "on the old ranks, load_consolidated_state on the new ones; docs/distributed.md, DeepSpeed)"
                 )
         self._check_owners(state_dict)
-        super().load_state_dict(state_dict)
+        if not self._under_zero():
+            super()._check_loaded(state_dict)
+
+    def _checks_parameters(self) -> bool:
+        return not self._under_zero()
+
+    def _after_load(self) -> None:
         self._refresh_group_ids()  # torch's loader builds new group dicts
 
     def _check_owners(self, state_dict: dict) -> None:
@@ -223,7 +227,7 @@ class DeepSpeedMuonQ(MuonQ):
             return super().step(closure)
         if closure is not None:
             raise ValueError("DeepSpeedMuonQ under ZeRO: DeepSpeed does not pass a closure; call engine.step()")
-        self._check_groups(states=False)  # options as the constructor checks them (flat states are DeepSpeed's)
+        self._check_groups(params=False)  # options as the constructor checks them (flat partitions are DeepSpeed's)
         for group in self.param_groups:  # ZeRO 1/2 narrow param_groups to the stepped group; ZeRO-3 empties the others
             if group["params"]:
                 self._zero_group_step(group)

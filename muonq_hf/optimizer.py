@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -23,9 +24,57 @@ from .graphs import GraphRefused, StepGraph
 from .matrices import MatrixPlan, plan_of, shaped
 from .momentum import momentum_step
 from .options import DEFAULTS, validate_group
-from .weights import KAHAN, LOW_PRECISION, rounded_weight
+from .weights import KAHAN, LOW_PRECISION, MAX_KEYED_ELEMENTS, rounded_weight
 
-logger = logging.getLogger("transformers.muonq_hf")  # follows the Trainer's --log_level, like its own lines
+logger = logging.getLogger("transformers.muonq_hf")
+
+
+@contextmanager
+def _suspended(optimizer: torch.optim.Optimizer, *hooks: str) -> Iterator[None]:
+    """Torch's hook tables ``hooks`` of ``optimizer`` emptied for a while: MuonQ runs those hooks itself, where its
+    own part of the load or save is complete."""
+    held = {name: getattr(optimizer, name) for name in hooks}
+    for name in hooks:
+        setattr(optimizer, name, OrderedDict())
+    try:
+        yield
+    finally:
+        for name, table in held.items():
+            setattr(optimizer, name, table)  # follows the Trainer's --log_level, like its own lines
+def check_parameter(p: torch.Tensor, group: dict) -> None:
+    """Refuse a parameter its group cannot step, naming its shape: a non-real dtype; for Muon, fewer than 2 dims, no
+    elements, or a matrix plan (``qkv_split``, ``piece_sizes``, ``experts``) that does not fit it."""
+    if isinstance(p, torch.Tensor) and not p.is_floating_point():
+        raise ValueError(
+            f"MuonQ steps real floating-point parameters, got one of shape {tuple(p.shape)} and dtype "
+            f"{p.dtype}; view a complex parameter as real (torch.view_as_real) or leave it out"
+        )
+    if not group["use_muon"]:
+        return
+    p = shaped(p)  # ZeRO-3 partitioned: its own shape
+    if p.ndim < 2:
+        raise ValueError(
+            f"use_muon=True needs tensors of >= 2 dims, got shape {tuple(p.shape)}; put 1-D tensors "
+            "(norms, biases) in an AdamW group (use_muon=False), e.g. with muonq_hf.param_groups(model)"
+        )
+    if p.numel() == 0:
+        raise ValueError(
+            f"use_muon=True needs a matrix with elements, got an empty parameter of shape {tuple(p.shape)}; "
+            "put it in an AdamW group (use_muon=False) or leave it out"
+        )
+    plan_of(p, group)  # a plan that does not fit the tensor fails here, naming its shape
+
+
+def _check_gradient(p: torch.Tensor) -> None:
+    """Refuse a gradient that is not of its parameter's shape and dtype (set through ``.grad.data``, or by hand)."""
+    grad = p.grad
+    if grad is not None and (grad.shape != p.shape or grad.dtype != p.dtype):
+        raise ValueError(
+            f"MuonQ: a parameter of shape {tuple(p.shape)} and dtype {p.dtype} has a gradient of shape "
+            f"{tuple(grad.shape)} and dtype {grad.dtype}; a gradient must match its parameter"
+        )
+
+
 GROUP_KEYS = frozenset(DEFAULTS) | {"params"}
 # Keys that callers (HF Trainer, Accelerate, schedulers, param_groups) may add to a group; carried, not used.
 PASSTHROUGH_KEYS = frozenset({"name", "names", "initial_lr", "param_names", "kind"})
@@ -119,32 +168,15 @@ class MuonQ(torch.optim.Optimizer):
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         param_group = {**param_group, "params": params}
-        for p in params:  # before the group is added: a refusal leaves the optimizer as it was
-            if isinstance(p, torch.Tensor) and not p.is_floating_point():
-                raise ValueError(
-                    f"MuonQ steps real floating-point parameters, got one of shape {tuple(p.shape)} and dtype "
-                    f"{p.dtype}; view a complex parameter as real (torch.view_as_real) or leave it out"
-                )
         group = {**self.defaults, **param_group}
         validate_group(group)
+        for p in params:  # before the group is added: a refusal leaves the optimizer as it was
+            check_parameter(p, group)
         if not group["use_muon"] and group["adamw_lr"] is not None and "lr" not in param_group:
             param_group = {**param_group, "lr": group["adamw_lr"]}
         super().add_param_group(param_group)
         if hasattr(self, "_graph"):  # a recorded step does not know the new parameters
             self._graph.reset()
-        for p in map(shaped, self.param_groups[-1]["params"]):  # ZeRO-3 partitioned: its own shape
-            if group["use_muon"] and p.ndim < 2:
-                raise ValueError(
-                    f"use_muon=True needs tensors of >= 2 dims, got shape {tuple(p.shape)}; put 1-D tensors "
-                    "(norms, biases) in an AdamW group (use_muon=False), e.g. with muonq_hf.param_groups(model)"
-                )
-            if group["use_muon"] and p.numel() == 0:
-                raise ValueError(
-                    f"use_muon=True needs a matrix with elements, got an empty parameter of shape {tuple(p.shape)}; "
-                    "put it in an AdamW group (use_muon=False) or leave it out"
-                )
-            if group["use_muon"]:
-                plan_of(p, group)  # a plan that does not fit the tensor fails here, naming its shape
 
     # ------------------------------------------------------------------------------------------- step
     @torch.no_grad()
@@ -189,12 +221,21 @@ class MuonQ(torch.optim.Optimizer):
             backend.step(tasks, self.state)
         return loss
 
-    def _check_groups(self, states: bool = True) -> None:
-        """Every group's options by ``options.RULES`` (a value edited after construction, e.g. ``group["lr"] = nan``,
-        is refused as the constructor refuses it), and no parameter whose state is of the other kind (``use_muon``
-        switched after steps: refused, not converted; docs/design.md, "Choices where the paper is silent")."""
+    def _check_groups(self, params: bool = True) -> None:
+        """The groups as they are now (schedulers and user code edit them), before anything changes: every option
+        present and by ``options.RULES`` (a value edited after construction, e.g. ``group["lr"] = nan``, is refused
+        as the constructor refuses it) and ``weight_update`` against the parameters; with ``params`` (not under
+        DeepSpeed ZeRO, whose flat partitions are its own) every parameter once, fitting its group's plan, with a
+        gradient of its shape and dtype and no state of the other kind (``use_muon`` switched after steps: refused,
+        not converted; docs/design.md, "Choices where the paper is silent")."""
         for g, group in enumerate(self.param_groups):
+            missing = [k for k in DEFAULTS if k not in group]
             try:
+                if missing:
+                    raise ValueError(
+                        f"MuonQ: the option {missing[0]!r} is missing (deleted, or the group was appended to "
+                        "param_groups instead of passed to add_param_group); every group holds every option"
+                    )
                 validate_group(group)
             except ValueError as exc:
                 raise ValueError(f"{exc} (param group {g}; no state or weight was changed)") from None
@@ -207,8 +248,24 @@ class MuonQ(torch.optim.Optimizer):
                 "master copy under AMP or DeepSpeed, takes every change already); pass weight_update='nearest'. No "
                 "state or weight was changed"
             )
+        seen: set[int] = set()
         for g, group in enumerate(self.param_groups):
-            for p in group["params"] if states else ():
+            huge = [p for p in group["params"] if p.dtype in LOW_PRECISION and p.numel() > MAX_KEYED_ELEMENTS]
+            if group["weight_update"] == "stochastic" and huge:
+                raise ValueError(
+                    f"MuonQ: weight_update='stochastic' keys its noise by element, at most 2^32 per parameter; param "
+                    f"group {g} has one of shape {tuple(huge[0].shape)}: use weight_update='kahan'. No state or weight "
+                    "was changed"
+                )
+            for p in group["params"] if params else ():
+                try:
+                    if id(p) in seen:
+                        raise ValueError(f"MuonQ: a parameter of shape {tuple(p.shape)} is listed twice")
+                    seen.add(id(p))
+                    check_parameter(p, group)
+                    _check_gradient(p)
+                except ValueError as exc:
+                    raise ValueError(f"{exc} (param group {g}; no state or weight was changed)") from None
                 state = self.state.get(p)
                 if not state:
                     continue
@@ -257,10 +314,14 @@ class MuonQ(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """With ``ddp_shard_state`` this is collective (all ranks call it) and returns the full state everywhere."""
-        with self.full_state():  # the returned dict keeps the full tensors; this rank keeps its part
-            out = super().state_dict()
-        return {**out, "muonq": {"skipped_steps": self.skipped_steps}}
+        """With ``ddp_shard_state`` this is collective (all ranks call it) and returns the full state everywhere.
+        Hooks as torch's: pre-hooks before anything, post-hooks on the whole dict (MuonQ's own entry included)."""
+        with self.full_state(), _suspended(self, "_optimizer_state_dict_post_hooks"):  # this rank keeps its part
+            out = super().state_dict()  # (the state dict pre-hooks run in it)
+        out = {**out, "muonq": {"skipped_steps": self.skipped_steps}}
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            out = hook(self, out) or out
+        return out
 
     def full_state(self) -> AbstractContextManager[None]:
         """A context in which ``self.state`` holds the whole state on every rank (collective under
@@ -276,19 +337,39 @@ class MuonQ(torch.optim.Optimizer):
           floating state to the parameter dtype; the saved dtypes are restored after it.
         * Storage options given now (bits, rank_divisor, mu, block_size, normalize/store_norm, adamw_bits, the
           matrix plan) win over the saved ones: the state is decoded and re-encoded, with one log line.
+        * Hooks as torch's (``register_load_state_dict_pre_hook`` / ``_post_hook``): the pre-hooks get a shallow
+          copy first and what they return is what is checked and loaded; the post-hooks run once the load is
+          complete (converted, and under ``ddp_shard_state`` cut to this rank's part).
         """
-        if self._checks_loaded_state():
-            check_state_dict(self.param_groups, self.defaults, state_dict)
+        state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = hook(self, state_dict) or state_dict
+        self._check_groups(params=False)  # the options it will convert to fit (a group edited before the load)
+        for g, group in enumerate(self.param_groups):
+            for p in group["params"] if self._checks_parameters() else ():
+                try:
+                    check_parameter(p, group)
+                except ValueError as exc:
+                    raise ValueError(f"{exc} (param group {g}; no state or weight was changed)") from None
+        self._check_loaded(state_dict)
+        skipped = state_dict.get("muonq", {"skipped_steps": 0})
+        count = skipped.get("skipped_steps", 0) if isinstance(skipped, dict) else None
+        if type(count) is not int or count < 0:
+            raise CheckpointError(
+                f"MuonQ.load_state_dict: the checkpoint's 'muonq' entry is {skipped!r}; expected "
+                "{'skipped_steps': an int >= 0}: the checkpoint is corrupt"
+            )
         now = [dict(group) for group in self.param_groups]
         changes = self._storage_changes(state_dict, now)
-        super().load_state_dict(state_dict)
+        with _suspended(self, "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
+            super().load_state_dict(state_dict)
         saved_groups = state_dict["param_groups"]
         for saved_group, group in zip(saved_groups, self.param_groups, strict=True):
             for saved_id, p in zip(saved_group["params"], group["params"], strict=True):
                 for key, value in state_dict["state"].get(saved_id, {}).items():
                     if torch.is_tensor(value) and self.state[p][key].dtype != value.dtype:
                         self.state[p][key] = value.to(device=self.state[p][key].device, copy=True)
-        self.skipped_steps = int(state_dict.get("muonq", {}).get("skipped_steps", 0))
+        self.skipped_steps = count
         self._graph.reset()  # the recorded step read the tensors this load replaced
         # torch's loader put the saved options in the groups; options the checkpoint predates were their defaults
         saved = [{**self.defaults, **group} for group in self.param_groups]
@@ -302,10 +383,21 @@ class MuonQ(torch.optim.Optimizer):
             self._convert(changes, saved, "the checkpoint was saved with other storage options")
         self._drop_unused_compensation()
         self._backend().keep_local(self._tasks(), self.state)  # DDP state sharding: keep only this rank's part
+        self._after_load()
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
 
-    def _checks_loaded_state(self) -> bool:
-        """Whether ``load_state_dict`` checks entries against the schema (DeepSpeed's flat state is its own)."""
+    def _after_load(self) -> None:
+        """A subclass's bookkeeping once a state is loaded, before the post-hooks (DeepSpeed's group ids)."""
+
+    def _checks_parameters(self) -> bool:
+        """Whether the groups hold the model's parameters (not DeepSpeed ZeRO's flat partitions)."""
         return True
+
+    def _check_loaded(self, state_dict: dict) -> None:
+        """Refuse a state that does not fit or is corrupt (``check_state_dict``), before anything changes; DeepSpeed
+        checks its flat state its own way."""
+        check_state_dict(self.param_groups, self.defaults, state_dict)
 
     def _storage_changes(self, state_dict: dict, now: list[dict]) -> dict[int, dict[str, tuple[Any, Any]]]:
         """{group: {option: (saved, now)}} where the storage options differ; refused where state is sharded."""
@@ -332,13 +424,14 @@ class MuonQ(torch.optim.Optimizer):
 
     def _convert(self, changes: dict[int, dict[str, tuple[Any, Any]]], saved: list[dict], why: str) -> None:
         """Re-encode the state of the changed groups from their ``saved`` options to the ones they hold now."""
-        index = 0
+        index, converted = 0, {}
         for g, group in enumerate(self.param_groups):
             if g in changes:
                 for i, p in enumerate(group["params"]):
                     if self.state.get(p):
-                        self.state[p] = convert_state(p, self.state[p], saved[g], group, index + i)
+                        converted[p] = convert_state(p, self.state[p], saved[g], group, index + i)
             index += len(group["params"])
+        self.state.update(converted)  # all at once: a conversion that fails leaves every state as it was
         self._remember_storage()
         lines = [
             f"group {g}: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in c.items()) for g, c in changes.items()

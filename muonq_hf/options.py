@@ -9,6 +9,7 @@ numbers are finite, and the error names the option, the value and what is allowe
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -55,7 +56,7 @@ def _is_real(v: Any) -> bool:
     """A plain number (not a bool, not a string) or a one-element floating tensor (torch accepts tensor lrs)."""
     if isinstance(v, torch.Tensor):
         return v.numel() == 1 and v.is_floating_point()
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)  # numpy scalars (np.float32) are reals too
 
 
 def _finite_at_least(low: float) -> Callable[[Any], bool]:

@@ -31,6 +31,7 @@ from .keyed import MASK32, _hash32, key_of
 WEIGHT_UPDATES = ("nearest", "stochastic", "kahan")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 KAHAN = "weight_kahan"  # the state entry of a Kahan-compensated weight
+MAX_KEYED_ELEMENTS = 2**32  # the noise counter of an element is its index in the parameter, < 2^32
 NOISE_KIND = 4  # the last element of the noise key (stochastic rounding of the momentum codes uses 0, 1, 2)
 
 
@@ -81,10 +82,7 @@ def add_rounded(
         rows = weight.shape[0] if weight.ndim else 1
         view = weight.view(rows, -1) if weight.numel() else weight  # (rows, cols)
         cols = view.shape[-1] if view.ndim == 2 else 1
-        width = cols if place.width is None else place.width
-        if rows and (place.row + rows) * width >= 2**32:
-            raise ValueError(f"MuonQ: weight_update='stochastic' keys at most 2^32 elements per parameter, got "
-                             f"{tuple(weight.shape)}")
+        width = cols if place.width is None else place.width  # (the step refused parameters past 2^32 elements)
         full = key_of(group["seed"], *key, NOISE_KIND)
         view.copy_(_stochastic_add(view, delta.view(view.shape), place.row, place.col, width,
                                    full & MASK32, (full >> 32) & MASK32))

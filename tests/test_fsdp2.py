@@ -149,6 +149,18 @@ def test_a_partial_placement_is_refused_by_name(world):
     assert err is not None and "Partial" in err and "pending reduction" in err, err
 
 
+@pytest.mark.parametrize(("case", "message"), [
+    ("adamw8_columns", "adamw_bits=8 needs the rows of a parameter whole on each rank"),
+    ("stochastic_strided", "weight_update='stochastic' keys its noise by each element's place"),
+])
+def test_a_layout_the_step_cannot_take_is_refused_before_anything_changes(world, case, message):
+    """8-bit AdamW moments of a column-sharded tensor, stochastic weight updates of a strided (colwise tensor
+    parallel) shard: refused by name before the Muon matrix listed before them steps."""
+    refusals = world[0]["layout_refusals"]
+    assert refusals[case] is not None and message in refusals[case] and "No state or weight" in refusals[case], refusals
+    assert refusals[f"{case}_changed_nothing"], refusals
+
+
 def test_cuda_graph_refused_under_fsdp2(world):
     err = world[0]["graph_error"]
     assert err is not None and "cuda_graph=True records the step of one process" in err and "FSDP2Backend" in err, err

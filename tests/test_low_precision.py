@@ -284,3 +284,13 @@ def test_a_cuda_graph_cannot_record_stochastic_weight_updates():
 
 def test_optim_args_takes_weight_update():
     assert parse_optim_args("weight_update=kahan,bits=4") == {"weight_update": "kahan", "bits": 4}
+
+
+def test_stochastic_updates_of_a_parameter_past_two_to_the_32_elements_are_refused():
+    """The noise counter of an element is its index in the parameter (< 2^32): a larger one is refused before the
+    step, with the way out (on a meta tensor: no memory)."""
+    huge = nn.Parameter(torch.empty(1 << 16, (1 << 16) + 1, dtype=torch.bfloat16, device="meta"))
+    opt = MuonQ([dict(params=[huge], use_muon=False)], weight_update="stochastic")
+    with pytest.raises(ValueError, match=r"at most 2\^32 per parameter; param group 0 has one of shape \(65536, "
+                                         r"65537\): use weight_update='kahan'"):
+        opt.step()

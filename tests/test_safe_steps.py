@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from muonq_hf import MuonQ, param_groups
+from muonq_hf.checkpoint import CheckpointError
 
 
 def _model() -> nn.Module:
@@ -130,3 +131,193 @@ def test_cycle_momentum_cycles_betas0_of_every_group_and_not_muons_momentum():
         schedule.step()
     for group in opt.param_groups:
         assert group["momentum"] == 0.95 and group["betas"][0] != 0.9, (group["momentum"], group["betas"])
+
+
+# ------------------------------------------------------------------------------------------------ hooks
+def _stepped(kind: str, **options) -> tuple[nn.Module, torch.optim.Optimizer]:
+    model = _model()
+    opt = MuonQ(param_groups(model), lr=0.01, **options) if kind == "muonq" else torch.optim.AdamW(
+        model.parameters(), lr=0.01)
+    for seed in range(2):
+        _step(model, opt, seed)
+    return model, opt
+
+
+def _floating(opt: torch.optim.Optimizer) -> list[tuple[int, str]]:
+    """(parameter, entry) of every floating state entry but the step counts."""
+    return [(i, k) for i, p in enumerate(p for g in opt.param_groups for p in g["params"])
+            for k, v in opt.state[p].items() if k != "step" and torch.is_tensor(v) and v.is_floating_point()]
+
+
+@pytest.mark.parametrize("kind", ["adamw", "muonq"])
+def test_a_load_pre_hook_changes_what_is_loaded_as_for_torch_adamw(kind):
+    """A load_state_dict pre-hook gets the dict first and its changes are what is loaded: doubling every floating
+    entry (AdamW's moments; MuonQ's fp16 scales and fp32 moments too) loads them doubled, in their saved dtypes."""
+    _, opt = _stepped(kind)
+    saved = opt.state_dict()
+    _, fresh = _stepped(kind)
+
+    def double(optimizer, state_dict):
+        state = {i: {k: v * 2 if torch.is_tensor(v) and v.is_floating_point() and k != "step" else v
+                     for k, v in s.items()} for i, s in state_dict["state"].items()}
+        return {**state_dict, "state": state}
+
+    fresh.register_load_state_dict_pre_hook(double)
+    fresh.load_state_dict(saved)
+    entries = _floating(opt)
+    assert entries and entries == _floating(fresh)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    loaded = [p for g in fresh.param_groups for p in g["params"]]
+    for i, key in entries:
+        before, after = opt.state[params[i]][key], fresh.state[loaded[i]][key]
+        assert after.dtype == before.dtype and torch.equal(after, before * 2), (i, key)
+
+
+def test_a_load_pre_hook_runs_before_the_checks():
+    """A pre-hook that mends a corrupt entry (a NaN scale) makes the checkpoint loadable; without it, it is refused."""
+    _, opt = _stepped("muonq")
+    saved = opt.state_dict()
+    i, key = next((i, k) for i, s in saved["state"].items() for k in s if k == "res_scale")
+    good = saved["state"][i][key].clone()
+    saved["state"][i][key] = torch.full_like(good, float("nan"))
+    _, fresh = _stepped("muonq")
+    with pytest.raises(CheckpointError, match="res_scale"):
+        fresh.load_state_dict(saved)
+
+    def mend(optimizer, state_dict):
+        state_dict["state"][i] = {**state_dict["state"][i], key: good}
+
+    fresh.register_load_state_dict_pre_hook(mend)
+    fresh.load_state_dict(saved)
+    assert torch.equal(fresh.state[[p for g in fresh.param_groups for p in g["params"]][i]][key], good)
+
+
+@pytest.mark.parametrize("kind", ["adamw", "muonq"])
+def test_load_post_hooks_and_state_dict_hooks_run_as_for_torch_adamw(kind):
+    """The load post-hook runs once, when the load is complete (for MuonQ after converting a state saved with
+    bits=8 to the 4-bit codes asked for now); state_dict pre- and post-hooks run once each, and a post-hook's
+    returned dict is what state_dict returns (for MuonQ with its own entry in it)."""
+    _, opt = _stepped(kind, bits=8) if kind == "muonq" else _stepped(kind)
+    calls = []
+    opt.register_state_dict_pre_hook(lambda optimizer: calls.append("save pre"))
+    opt.register_state_dict_post_hook(lambda optimizer, sd: calls.append(("save post", "muonq" in sd)) or
+                                      {**sd, "extra": 1})
+    saved = opt.state_dict()
+    assert saved["extra"] == 1
+    _, fresh = _stepped(kind)
+    seen = []
+
+    def after(optimizer):
+        muon = [p for g in optimizer.param_groups if g.get("use_muon") for p in g["params"]]
+        seen.append([optimizer.state[p]["res_codes"].shape[-1] for p in muon])
+
+    fresh.register_load_state_dict_post_hook(after)
+    fresh.load_state_dict(saved)
+    assert calls == ["save pre", ("save post", kind == "muonq")], calls
+    assert len(seen) == 1, seen
+    if kind == "muonq":  # converted to 4-bit codes (two per byte) before the post-hook ran
+        muon = [p for g in fresh.param_groups if g["use_muon"] for p in g["params"]]
+        assert seen[0] == [-(-p.shape[1] // 2) for p in muon], seen
+
+
+@pytest.mark.parametrize("kind", ["adamw", "muonq"])
+def test_step_hooks_run_once_per_step_as_for_torch_adamw(kind):
+    model, opt = _stepped(kind)
+    calls = []
+    opt.register_step_pre_hook(lambda optimizer, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda optimizer, args, kwargs: calls.append("post"))
+    _step(model, opt, 5)
+    assert calls == ["pre", "post"]
+
+
+# ------------------------------------------------------------------------------- edits beyond the options
+def _append_vector(opt, model):
+    vector = nn.Parameter(torch.randn(7))
+    vector.grad = torch.randn(7)
+    opt.param_groups[0]["params"].append(vector)
+
+
+def _wrong_gradient(shape=None, dtype=None):
+    def edit(opt, model):
+        p = model[2].weight  # the second Muon matrix: the first one would step before a late refusal
+        p.grad.data = torch.randn(shape or p.shape, dtype=dtype or p.dtype)
+    return edit
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda opt, model: opt.param_groups[0].update(qkv_split=16),  # fits (32, 16) and (16, 32), not the head's (4, 16)
+     r"qkv_split=16 does not divide dim 0 \(size 4\)"),
+    (lambda opt, model: opt.param_groups[1].pop("betas"), r"the option 'betas' is missing"),
+    (lambda opt, model: opt.param_groups.append({"params": [model[3].weight]}), r"the option 'lr' is missing"),
+    (_append_vector, r"use_muon=True needs tensors of >= 2 dims, got shape \(7,\)"),
+    (_wrong_gradient(shape=(16, 16)), r"shape \(16, 32\) .* has a gradient of shape \(16, 16\)"),
+    (_wrong_gradient(dtype=torch.float64), r"dtype torch.float32 has a gradient of shape \(16, 32\) and dtype "
+                                           r"torch.float64"),
+    (lambda opt, model: opt.param_groups[0]["params"].append(model[0].weight), r"listed twice"),
+])
+def test_an_edit_the_step_cannot_take_is_refused_and_changes_nothing(edit, message):
+    """Edits beyond option values -- a plan that fits some of a group's matrices, a deleted option, a group appended
+    without add_param_group, a vector in a Muon group, a gradient of another shape or dtype, a parameter listed twice
+    -- are refused before the first weight or state changes (no half-applied step), naming what is wrong and the
+    group; once undone, training goes on."""
+    model = _model()
+    opt = MuonQ([dict(params=[model[0].weight, model[2].weight, model[4].weight], use_muon=True),
+                 dict(params=[model[0].bias, model[2].bias, model[3].weight, model[3].bias, model[4].bias],
+                      use_muon=False)], lr=0.01)
+    for seed in range(2):
+        _step(model, opt, seed)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(2))
+    model(x).square().mean().backward()
+    groups = [dict(g, params=list(g["params"])) for g in opt.param_groups]
+    edit(opt, model)
+    before = _snapshot(model, opt)
+    with pytest.raises(ValueError, match=rf"{message}.*\(param group \d; no state or weight was changed\)"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(model, opt), strict=True))
+    opt.param_groups[:] = groups  # undone: the next steps work
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    _step(model, opt, 3)
+
+
+def test_a_load_into_groups_edited_to_a_bad_plan_is_refused_before_anything_changes():
+    model = _model()
+    opt = MuonQ([dict(params=[model[0].weight, model[4].weight], use_muon=True),
+                 dict(params=[p for i in (0, 2, 3, 4) for p in model[i].parameters() if p.ndim == 1 or i == 2],
+                      use_muon=False)], lr=0.01)
+    for seed in range(2):
+        _step(model, opt, seed)
+    saved = opt.state_dict()
+    opt.param_groups[0]["qkv_split"] = 16
+    before = _snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"qkv_split=16 does not divide .*\(param group 0; no state or weight"):
+        opt.load_state_dict(saved)
+    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(model, opt), strict=True))
+
+
+@pytest.mark.parametrize(("corrupt", "message"), [
+    (lambda sd: sd.update(muonq={"skipped_steps": "x"}), r"the checkpoint's 'muonq' entry is \{'skipped_steps': 'x'\}"),
+    (lambda sd: sd.update(muonq=None), r"'muonq' entry is None"),
+    (lambda sd: sd.update(state=[]), r"'state' must be a dict and 'param_groups' a list, got a list"),
+    (lambda sd: sd["param_groups"][0].update(params=5), r"param group 0 of the checkpoint is not a dict with a "
+                                                        r"'params' list"),
+])
+def test_a_malformed_checkpoint_is_refused_before_anything_changes(corrupt, message):
+    model = _model()
+    opt = MuonQ(param_groups(model), lr=0.01)
+    for seed in range(2):
+        _step(model, opt, seed)
+    saved = opt.state_dict()
+    corrupt(saved)
+    before = _snapshot(model, opt)
+    with pytest.raises(CheckpointError, match=message):
+        opt.load_state_dict(saved)
+    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(model, opt), strict=True))
+
+
+def test_numpy_scalars_are_numbers():
+    import numpy as np
+
+    model = _model()
+    opt = MuonQ(param_groups(model), lr=np.float32(0.01), weight_decay=np.float64(0.1))
+    _step(model, opt, 0)

@@ -352,9 +352,9 @@ class FSDP2Backend:
         return all_finite(grads, groups, agree=True)  # every rank of the mesh: each of its dims in turn
 
     def step(self, tasks: list[Task], states: States) -> None:
-        for task in tasks:  # a layout stochastic weight updates cannot key is refused before anything changes
+        for task in tasks:  # every layout this step cannot take is refused before anything changes
             if task.param.grad is not None and is_dtensor(task.param):
-                _noise_place(task.param, task.group)
+                self._check(task)
         by_rows: dict[RowGroup, list[tuple[Task, MatrixPlan]]] = {}  # 2-D matrices: row-sharded, NS on an owner
         for task in tasks:
             p, group = task.param, task.group
@@ -375,34 +375,46 @@ class FSDP2Backend:
                 self._on_owners(rows, matrices, states)
 
     @staticmethod
+    def _check(task: Task) -> None:
+        """Refuse a DTensor parameter whose layout its step cannot take, naming it: called for every parameter
+        before the first one steps, so a refusal changes nothing."""
+        p, group = task.param, task.group
+        _noise_place(p, group)  # stochastic weight updates need a block of rows or columns
+        if not group["use_muon"]:
+            rows_whole = all(pl.is_replicate() or getattr(pl, "dim", 0) == 0 for pl in p.placements)
+            if adamw_quantized(tuple(p.shape), group) and not rows_whole:
+                raise ValueError(
+                    f"MuonQ: adamw_bits=8 needs the rows of a parameter whole on each rank (its blocks run along "
+                    f"rows), got placements {tuple(p.placements)} for shape {tuple(p.shape)}; put it in a group "
+                    "with adamw_bits=32. No state or weight was changed"
+                )
+        elif plan_of(p, group).stacked:
+            if group["experts"] is not True:
+                raise ValueError(
+                    f"MuonQ under FSDP2: a grouped conv weight (experts={group['experts']}, shape {tuple(p.shape)}) "
+                    "is not supported: its row shards cut through groups. Put it in an AdamW group or train "
+                    "without FSDP2. No state or weight was changed"
+                )
+            if row_group(p).gathered:
+                raise ValueError(
+                    f"MuonQ: stacked experts (shape {tuple(p.shape)}) with placements {tuple(p.placements)} are not "
+                    "supported: a rank must hold whole experts (FSDP2 or HSDP Shard(0) on the expert dim). No state "
+                    "or weight was changed"
+                )
+
+    @staticmethod
     def _adamw(task: Task, state: dict) -> None:
         """AdamW is elementwise: run it on the local shard; every state tensor but the step count is laid out like
         the weight."""
         p, group = task.param, task.group
         quantized = adamw_quantized(tuple(p.shape), group)  # the global shape decides, as in one process
-        if quantized and any(not pl.is_replicate() and getattr(pl, "dim", 0) != 0 for pl in p.placements):
-            raise ValueError(
-                f"MuonQ: adamw_bits=8 needs the rows of a parameter whole on each rank (its blocks run along rows), "
-                f"got placements {tuple(p.placements)} for shape {tuple(p.shape)}; put it in a group with "
-                "adamw_bits=32"
-            )
         with _local_state(state, param_layout(p), _every_entry) as local:
             adamw_step(p.to_local(), p.grad.to_local(), local, group, quantized, task.index, _noise_place(p, group))
 
     def _experts(self, task: Task, plan: MatrixPlan, state: dict) -> None:
         """Stacked experts: each rank's whole experts take the whole step locally."""
         p, group = task.param, task.group
-        if group["experts"] is not True:
-            raise ValueError(
-                f"MuonQ under FSDP2: a grouped conv weight (experts={group['experts']}, shape {tuple(p.shape)}) is "
-                "not supported: its row shards cut through groups. Put it in an AdamW group or train without FSDP2"
-            )
         rows = row_group(p)
-        if rows.gathered:
-            raise ValueError(
-                f"MuonQ: stacked experts (shape {tuple(p.shape)}) with placements {tuple(p.placements)} are not "
-                "supported: a rank must hold whole experts (FSDP2 or HSDP Shard(0) on the expert dim)"
-            )
         first, count = row_ranges(p.shape[0], rows.size)[rows.rank]
         G = plan.view(p.grad.to_local().float())  # (count, m, n): this rank's experts
         with _local_state(state, param_layout(p), _every_entry) as local:

@@ -297,6 +297,35 @@ def main() -> None:
     except ValueError as e:
         res["partial_error"] = str(e)
 
+    # layouts a step cannot take are refused before any parameter steps: a Muon matrix listed first keeps its weight
+    refusals = {}
+    for name, (placement, options) in {
+        "adamw8_columns": (Shard(1), dict(use_muon=False, adamw_bits=8)),
+        "stochastic_strided": (None, dict(use_muon=True, weight_update="stochastic")),
+    }.items():
+        first = torch.nn.Parameter(distribute_tensor(weight.to(torch.bfloat16), mesh, [Shard(0)]))
+        if placement is None:  # a colwise tensor-parallel layout after FSDP: a strided shard of the rows
+            from torch.distributed.tensor.placement_types import _StridedShard
+
+            mesh2 = torch.distributed.device_mesh.init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp"))
+            data = torch.randn(8, 6, generator=gen).to(torch.bfloat16)
+            refused = torch.nn.Parameter(
+                distribute_tensor(data, mesh2, [_StridedShard(0, split_factor=world), Shard(0)]))
+        else:
+            refused = torch.nn.Parameter(distribute_tensor(torch.randn(128, 64, generator=gen), mesh, [placement]))
+        for q in (first, refused):
+            q.grad = torch.zeros_like(q)
+        opt = MuonQ([dict(params=[first], use_muon=True, weight_update=options.get("weight_update", "nearest")),
+                     dict(params=[refused], **options)], lr=0.1)
+        before = first.to_local().clone()
+        try:
+            opt.step()
+            refusals[name] = None
+        except ValueError as e:
+            refusals[name] = str(e)
+        refusals[f"{name}_changed_nothing"] = torch.equal(first.to_local(), before) and not opt.state
+    res["layout_refusals"] = refusals
+
     write_results_and_finish(res, args.out, rank)
 
 
