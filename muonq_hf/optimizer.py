@@ -175,8 +175,14 @@ class MuonQ(torch.optim.Optimizer):
         if not group["use_muon"] and group["adamw_lr"] is not None and "lr" not in param_group:
             param_group = {**param_group, "lr": group["adamw_lr"]}
         super().add_param_group(param_group)
+        self._remember_adamw_lr()
         if hasattr(self, "_graph"):  # a recorded step does not know the new parameters
             self._graph.reset()
+
+    def _remember_adamw_lr(self) -> None:
+        """``adamw_lr`` sets an AdamW group's lr when the group is built: an edit after that is refused at the step
+        (it would do nothing), so its value then is kept."""
+        self._adamw_lr = [group.get("adamw_lr") for group in self.param_groups]
 
     # ------------------------------------------------------------------------------------------- step
     @torch.no_grad()
@@ -237,6 +243,12 @@ class MuonQ(torch.optim.Optimizer):
                         "param_groups instead of passed to add_param_group); every group holds every option"
                     )
                 validate_group(group)
+                built = getattr(self, "_adamw_lr", [])
+                if g < len(built) and group["adamw_lr"] != built[g]:
+                    raise ValueError(
+                        f"MuonQ: adamw_lr changed from {built[g]!r} to {group['adamw_lr']!r}; adamw_lr sets the lr of "
+                        "the AdamW groups when they are built and would do nothing now: set the group's 'lr' instead"
+                    )
             except ValueError as exc:
                 raise ValueError(f"{exc} (param group {g}; no state or weight was changed)") from None
         modes = {group["weight_update"] for group in self.param_groups} - {"nearest"}
@@ -379,6 +391,7 @@ class MuonQ(torch.optim.Optimizer):
             keys = MUON_STORAGE if group["use_muon"] else ADAMW_STORAGE  # storage options given now win
             group.update({k: now[g][k] for k in (*keys, "weight_update")})  # and how the weights take changes
         self._remember_storage()
+        self._remember_adamw_lr()  # the checkpoint's, restored as a hyperparameter
         if changes:
             self._convert(changes, saved, "the checkpoint was saved with other storage options")
         self._drop_unused_compensation()

@@ -254,6 +254,8 @@ def _wrong_gradient(shape=None, dtype=None):
     (_wrong_gradient(dtype=torch.float64), r"dtype torch.float32 has a gradient of shape \(16, 32\) and dtype "
                                            r"torch.float64"),
     (lambda opt, model: opt.param_groups[0]["params"].append(model[0].weight), r"listed twice"),
+    (lambda opt, model: opt.param_groups[1].update(adamw_lr=0.0), r"adamw_lr changed from None to 0.0; adamw_lr sets "
+                                                                  r"the lr of the AdamW groups when they are built"),
 ])
 def test_an_edit_the_step_cannot_take_is_refused_and_changes_nothing(edit, message):
     """Edits beyond option values -- a plan that fits some of a group's matrices, a deleted option, a group appended
