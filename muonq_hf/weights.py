@@ -79,9 +79,11 @@ def add_rounded(
         _kahan_add(weights, deltas, buffers)
         return
     for weight, delta, key, place in zip(weights, deltas, keys, places, strict=True):
+        if weight.numel() == 0:  # a shard without rows
+            continue
         rows = weight.shape[0] if weight.ndim else 1
-        view = weight.view(rows, -1) if weight.numel() else weight  # (rows, cols)
-        cols = view.shape[-1] if view.ndim == 2 else 1
+        view = weight.view(rows, -1)  # (rows, cols)
+        cols = view.shape[1]
         width = cols if place.width is None else place.width  # (the step refused parameters past 2^32 elements)
         full = key_of(group["seed"], *key, NOISE_KIND)
         view.copy_(_stochastic_add(view, delta.view(view.shape), place.row, place.col, width,
