@@ -55,7 +55,8 @@ def check_parameter(p: torch.Tensor, group: dict) -> None:
     if p.ndim < 2:
         raise ValueError(
             f"use_muon=True needs tensors of >= 2 dims, got shape {tuple(p.shape)}; put 1-D tensors "
-            "(norms, biases) in an AdamW group (use_muon=False), e.g. with muonq_hf.param_groups(model)"
+            "(norms, biases) in an AdamW group (use_muon=False), e.g. with muonq_hf.param_groups(model). Under "
+            "DeepSpeed ZeRO the optimizer sees 1-D flat partitions: use muonq_hf.deepspeed.DeepSpeedMuonQ"
         )
     if p.numel() == 0:
         raise ValueError(

@@ -51,13 +51,7 @@ def whole_muon_update(
 
 def whole_muon_step(momentum: MomentumStage, task: Task, state: dict) -> None:
     """The three stages on one whole parameter: momentum -> orthogonalize -> apply."""
-    p, group = task.param, task.group
-    if p.ndim < 2:  # add_param_group rejected 1-D tensors: something (DeepSpeed ZeRO) swapped the parameters
-        raise RuntimeError(
-            f"MuonQ: a use_muon parameter is now 1-D (shape {tuple(p.shape)}): DeepSpeed ZeRO hands its client "
-            "optimizer flat partitions, and Newton-Schulz on them would be wrong. Use "
-            "muonq_hf.deepspeed.DeepSpeedMuonQ (ZeRO stage 1, 2 or 3), or train without DeepSpeed"
-        )
+    p, group = task.param, task.group  # (>= 2-D: the step checked it, DeepSpeed's flat partitions included)
     update = whole_muon_update(momentum, p.grad, state, group, task.index)
     apply_update(p, update, group["lr"], group["weight_decay"], rounding_for([p], group, [state], [task.index]))
 
@@ -86,7 +80,7 @@ def muon_groups(
     by_key: dict[tuple, list[Task]] = {}
     for t in tasks:
         p, group = t.param, t.group
-        if not group["use_muon"] or p.grad is None or p.ndim < 2:  # (1-D: whole_muon_step says what swapped it)
+        if not group["use_muon"] or p.grad is None:
             continue
         alone = group["stochastic_rounding"] or 2 * p.numel() > batch_budget(p, budget)
         started = "step" in states.get(p, {})
