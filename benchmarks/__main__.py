@@ -164,10 +164,12 @@ def cmd_lowprec(args: argparse.Namespace) -> None:
     cost = low_precision.cost(args.quick)
     for row in cost["rows"].values():
         print(f"  {row['label']:46s} {row['median_s'] * 1e3:8.1f} ms  x{row['vs_muonq_nearest']:.2f} vs nearest")
-    quality = low_precision.quality(args.quick)
-    for name, row in quality["rows"].items():
-        print(f"  {name:16s} eval loss {row['eval_loss']:.4f}  {100 * row['vs_fp32_master']:+.2f}% vs fp32 master")
-    _write(args.out, "low_precision.json", {"machine": machine(), "cost": cost, "quality": quality})
+    runs = [low_precision.quality(args.quick, lr) for lr in low_precision.LRS[: 1 if args.quick else None]]
+    for run in runs:
+        for name, row in run["rows"].items():
+            print(f"  lr {run['lr']:g} {name:16s} eval loss {row['eval_loss']:.4f}  "
+                  f"{100 * row['vs_fp32_master']:+.2f}% vs fp32 master")
+    _write(args.out, "low_precision.json", {"machine": machine(), "cost": cost, "quality": runs})
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -159,22 +159,28 @@ def extra_speed_section(name: str, speed: dict) -> list[str]:
 
 def low_precision_section(lp: dict) -> list[str]:
     """bf16 weights without an fp32 master copy (``python -m benchmarks lowprec``): training runs and step cost."""
-    q, cost, m = lp["quality"], lp["cost"], lp["machine"]
+    runs = lp["quality"] if isinstance(lp["quality"], list) else [lp["quality"]]
+    q, cost, m = runs[0], lp["cost"], lp["machine"]
+    lrs = " and ".join(f"{run['lr']:g}" for run in runs)
     lines = ["## Low-precision weights", "",
              f"`python -m benchmarks lowprec` (`results/low_precision.json`), CPU: {m['cpu']}. `examples/run_clm.py` "
              f"trains a GPT-2 ({q['layers']} layers, width {q['width']}, vocab {q['vocab']}) for {q['steps']} steps "
-             f"with MuonQ at lr {q['lr']:g} (the quality study's schedule); the reference keeps fp32 weights and "
-             "computes in bf16 (`--bf16`), the others keep the weights in bf16 with no fp32 copy "
+             f"with MuonQ at lr {lrs} (the quality study's schedule: warm-up, cosine decay to 0); the reference keeps "
+             "fp32 weights and computes in bf16 (`--bf16`), the others keep the weights in bf16 with no fp32 copy "
              "(`--torch_dtype bfloat16`) and `--optim_args weight_update=...`. Eval loss of one seed:", "",
-             "| weights | eval loss | vs fp32 master |", "|---|---:|---:|"]
-    for name, row in q["rows"].items():
-        lines.append(f"| {name} | {row['eval_loss']:.4f} | {100 * row['vs_fp32_master']:+.2f}% |")
+             "| weights | " + " | ".join(f"lr {run['lr']:g} | vs fp32 master" for run in runs) + " |",
+             "|---|" + "---:|---:|" * len(runs)]
+    for name in q["rows"]:
+        cells = [f"{run['rows'][name]['eval_loss']:.4f} | {100 * run['rows'][name]['vs_fp32_master']:+.2f}%"
+                 for run in runs]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", f"Optimizer step on bf16 weights, `{cost['shape']}` shapes (CPU time, one thread, median of "
               f"{cost['rounds']} steps, all rows interleaved in one process):", "",
               "| optimizer | median ms | / MuonQ nearest |", "|---|---:|---:|"]
     for row in cost["rows"].values():
         lines.append(f"| {row['label']} | {row['median_s'] * 1e3:,.1f} | {row['vs_muonq_nearest']:.2f} |")
-    lines += ["", "The GPU cost of each mode is not measured yet (no GPU run since the option exists).", ""]
+    lines += ["", "No GPU figure for these modes yet: `python -m benchmarks gpu` times them (its bf16 rows) when a "
+              "GPU runs it.", ""]
     return lines
 
 
