@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -224,3 +226,33 @@ def test_gpu_check_runs_its_code_paths_on_cpu(tmp_path, one_thread, monkeypatch)
     md = (tmp_path / "gpu.md").read_text()
     assert "torch.optim.Muon takes 2-D parameters only" in md
     assert "## Checks" in md and "Rows left out (package not installed here): keller_muon" in md
+
+
+def test_low_precision_runs_are_run_clm_command_lines_and_the_bf16_peer_steps_bf16_weights(tmp_path, one_thread):
+    """``python -m benchmarks lowprec``'s training runs: each command parses as run_clm's flags, keeps the weights in
+    the dtype its row says and passes its weight_update; torchao's row is its AdamW8bit with bf16 stochastic
+    rounding, which trains bf16 weights."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from benchmarks.low_precision import MODES, command
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    try:
+        from run_clm import DataArguments, ModelArguments
+    finally:
+        sys.path.pop(0)
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    for row, (_, options) in MODES.items():
+        args = command(row, tmp_path / row, 8, 1, 32, 0.002)[2:]  # after the interpreter and the script
+        model_args, _, training = parser.parse_args_into_dataclasses(args=args)
+        assert model_args.torch_dtype == ("float32" if row == "fp32_master" else "bfloat16"), row
+        assert training.bf16 == (row == "fp32_master") and training.learning_rate == 0.002, row
+        assert (training.optim_args or "") == ",".join(f"{k}={v}" for k, v in options.items()), row
+    model = build_model("gpt2-tiny").to(torch.bfloat16)
+    opt = make_optimizer(get_variant("torchao_adamw8bit_bf16sr"), model, lr=3e-3)
+    assert opt.bf16_stochastic_round  # torchao keeps the option on the optimizer
+    before = model.transformer.h[0].mlp.c_fc.weight.detach().clone()
+    ids = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert not torch.equal(model.transformer.h[0].mlp.c_fc.weight, before)
