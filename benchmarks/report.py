@@ -177,8 +177,9 @@ def low_precision_section(lp: dict) -> list[str]:
     lines += ["", f"Optimizer step on bf16 weights, `{cost['shape']}` shapes (CPU time, one thread, median of "
               f"{cost['rounds']} steps, all rows interleaved in one process):", "",
               "| optimizer | median ms | / MuonQ nearest |", "|---|---:|---:|"]
-    for row in cost["rows"].values():
-        lines.append(f"| {row['label']} | {row['median_s'] * 1e3:,.1f} | {row['vs_muonq_nearest']:.2f} |")
+    for name, row in cost["rows"].items():
+        label = "MuonQ, bf16 weights rounded to nearest (default)" if name == "muonq" else row["label"]
+        lines.append(f"| {label} | {row['median_s'] * 1e3:,.1f} | {row['vs_muonq_nearest']:.2f} |")
     lines += ["", "No GPU figure for these modes yet: `python -m benchmarks gpu` times them (its bf16 rows) when a "
               "GPU runs it.", ""]
     return lines
