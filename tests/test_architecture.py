@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "muonq_hf"
 # docs/design.md, "Layers": a module may import modules of its own layer or of the layers before it
 LAYERS = [
     {"kernels", "precision"},
-    {"codecs", "lowrank", "orthogonalize", "matrices", "options", "keyed"},
+    {"codecs", "lowrank", "orthogonalize", "matrices", "options", "keyed", "weights"},
     {"state", "banks"},
     {"momentum", "adamw"},
     {"checkpoint", "memory"},
