@@ -292,8 +292,8 @@ def apply_updates(
     dtypes falls back to one launch per tensor on CUDA). bf16/fp16 weights take it in their own dtype, rounded to
     nearest, or with ``rounding`` the whole change in fp32, added stochastically or compensated (``weights``).
     """
-    parts = update.chunk(len(weights)) if len(weights) > 1 else (update,)
     if rounding is not None:
+        parts = update.chunk(len(weights)) if len(weights) > 1 else (update,)
         deltas = [u.reshape(w.shape).float() * -lr for u, w in zip(parts, weights, strict=True)]  # fp32 temporaries
         if weight_decay != 0:
             torch._foreach_add_(deltas, [w.float() * (-lr * weight_decay) for w in weights])

@@ -26,7 +26,7 @@ from .momentum import momentum_step
 from .options import DEFAULTS, validate_group
 from .weights import KAHAN, LOW_PRECISION, MAX_KEYED_ELEMENTS, rounded_weight
 
-logger = logging.getLogger("transformers.muonq_hf")
+logger = logging.getLogger("transformers.muonq_hf")  # follows the Trainer's --log_level, like its own lines
 
 
 @contextmanager
@@ -40,7 +40,18 @@ def _suspended(optimizer: torch.optim.Optimizer, *hooks: str) -> Iterator[None]:
         yield
     finally:
         for name, table in held.items():
-            setattr(optimizer, name, table)  # follows the Trainer's --log_level, like its own lines
+            setattr(optimizer, name, table)
+
+
+@contextmanager
+def _in_group(g: int) -> Iterator[None]:
+    """A refusal raised inside names param group ``g`` and says that nothing changed (every check runs first)."""
+    try:
+        yield
+    except ValueError as exc:
+        raise ValueError(f"{exc} (param group {g}; no state or weight was changed)") from None
+
+
 def check_parameter(p: torch.Tensor, group: dict) -> None:
     """Refuse a parameter its group cannot step, naming its shape: a non-real dtype; for Muon, fewer than 2 dims, no
     elements, or a matrix plan (``qkv_split``, ``piece_sizes``, ``experts``) that does not fit it."""
@@ -228,16 +239,17 @@ class MuonQ(torch.optim.Optimizer):
             backend.step(tasks, self.state)
         return loss
 
-    def _check_groups(self, params: bool = True) -> None:
+    def _check_groups(self, params: bool = True, stepping: bool = True) -> None:
         """The groups as they are now (schedulers and user code edit them), before anything changes: every option
         present and by ``options.RULES`` (a value edited after construction, e.g. ``group["lr"] = nan``, is refused
         as the constructor refuses it) and ``weight_update`` against the parameters; with ``params`` (not under
-        DeepSpeed ZeRO, whose flat partitions are its own) every parameter once, fitting its group's plan, with a
-        gradient of its shape and dtype and no state of the other kind (``use_muon`` switched after steps: refused,
-        not converted; docs/design.md, "Choices where the paper is silent")."""
+        DeepSpeed ZeRO, whose flat partitions are its own) every parameter once, fitting its group's plan, and with
+        ``stepping`` (a step, not a load) with a gradient of its shape and dtype and no state of the other kind
+        (``use_muon`` switched after steps: refused, not converted; docs/design.md, "Choices where the paper is
+        silent")."""
         for g, group in enumerate(self.param_groups):
             missing = [k for k in DEFAULTS if k not in group]
-            try:
+            with _in_group(g):
                 if missing:
                     raise ValueError(
                         f"MuonQ: the option {missing[0]!r} is missing (deleted, or the group was appended to "
@@ -250,8 +262,6 @@ class MuonQ(torch.optim.Optimizer):
                         f"MuonQ: adamw_lr changed from {built[g]!r} to {group['adamw_lr']!r}; adamw_lr sets the lr of "
                         "the AdamW groups when they are built and would do nothing now: set the group's 'lr' instead"
                     )
-            except ValueError as exc:
-                raise ValueError(f"{exc} (param group {g}; no state or weight was changed)") from None
         modes = {group["weight_update"] for group in self.param_groups} - {"nearest"}
         dtypes = {p.dtype for group in self.param_groups for p in group["params"]}
         if modes and not dtypes & set(LOW_PRECISION):
@@ -271,16 +281,15 @@ class MuonQ(torch.optim.Optimizer):
                     "was changed"
                 )
             for p in group["params"] if params else ():
-                try:
+                with _in_group(g):
                     if id(p) in seen:
                         raise ValueError(f"MuonQ: a parameter of shape {tuple(p.shape)} is listed twice")
                     seen.add(id(p))
                     check_parameter(p, group)
-                    _check_gradient(p)
-                except ValueError as exc:
-                    raise ValueError(f"{exc} (param group {g}; no state or weight was changed)") from None
+                    if stepping:
+                        _check_gradient(p)
                 state = self.state.get(p)
-                if not state:
+                if not stepping or not state:
                     continue
                 adamw_state = any(k in state for k in ("exp_avg", "exp_avg_codes"))
                 if adamw_state == bool(group["use_muon"]):
@@ -357,13 +366,7 @@ class MuonQ(torch.optim.Optimizer):
         state_dict = state_dict.copy()
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = hook(self, state_dict) or state_dict
-        self._check_groups(params=False)  # the options it will convert to fit (a group edited before the load)
-        for g, group in enumerate(self.param_groups):
-            for p in group["params"] if self._checks_parameters() else ():
-                try:
-                    check_parameter(p, group)
-                except ValueError as exc:
-                    raise ValueError(f"{exc} (param group {g}; no state or weight was changed)") from None
+        self._check_groups(self._checks_parameters(), stepping=False)  # the groups it converts to (edited before)
         self._check_loaded(state_dict)
         skipped = state_dict.get("muonq", {"skipped_steps": 0})
         count = skipped.get("skipped_steps", 0) if isinstance(skipped, dict) else None

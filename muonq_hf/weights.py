@@ -130,15 +130,19 @@ def _noise(counter: torch.Tensor, low: int, high: int) -> torch.Tensor:
     return (_hash32(_hash32(counter ^ low) ^ high) >> 16).to(torch.int32)
 
 
+def _counters(rows: int, cols: int, row: int, col: int, width: int, device: torch.device) -> torch.Tensor:
+    """The noise counters (rows, cols), int64, of a block at (row, col) of a parameter ``width`` wide."""
+    r = torch.arange(rows, device=device, dtype=torch.int64) + row
+    c = torch.arange(cols, device=device, dtype=torch.int64) + col
+    return r.view(-1, 1) * width + c
+
+
 def _stochastic_add_eager(weight: torch.Tensor, delta: torch.Tensor, row: int, col: int, width: int, low: int,
                           high: int) -> torch.Tensor:
     """``stochastic_round(weight + delta)`` of a (rows, cols) block at (row, col) of a parameter ``width`` wide, its
     noise under the key (low, high): compiled, one kernel (the ints are symbolic inputs: a new step compiles
     nothing)."""
-    rows, cols = weight.shape
-    r = torch.arange(rows, device=weight.device, dtype=torch.int64) + row
-    c = torch.arange(cols, device=weight.device, dtype=torch.int64) + col
-    noise = _noise(r.view(-1, 1) * width + c, low, high)  # (rows, cols)
+    noise = _noise(_counters(*weight.shape, row, col, width, weight.device), low, high)  # (rows, cols)
     return stochastic_round(weight.float() + delta, noise, weight.dtype)
 
 
@@ -157,6 +161,5 @@ def noise_bits(shape: torch.Size, key: int, place: Place, device: torch.device) 
     rows = shape[0] if len(shape) else 1
     cols = int(torch.Size(shape).numel()) // max(rows, 1) if rows else 0
     width = cols if place.width is None else place.width
-    r = torch.arange(place.row, place.row + rows, device=device, dtype=torch.int64)
-    c = torch.arange(place.col, place.col + cols, device=device, dtype=torch.int64)
-    return _noise(r.view(-1, 1) * width + c, key & MASK32, (key >> 32) & MASK32).view(shape)
+    counters = _counters(rows, cols, place.row, place.col, width, device)
+    return _noise(counters, key & MASK32, (key >> 32) & MASK32).view(shape)

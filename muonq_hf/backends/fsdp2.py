@@ -226,6 +226,16 @@ def _noise_place(p: torch.Tensor, group: dict) -> Place:
     return local_place(p) if group["weight_update"] == "stochastic" and rounded_weight(p, group) else ORIGIN
 
 
+def _apply_to_shard(task: Task, state: dict, update: torch.Tensor) -> None:
+    """``apply_update`` of ``update`` to the local shard of ``task``'s DTensor (it shares the parameter's storage); a
+    low-precision weight's Kahan buffer is laid out like the weight, its noise keyed by the shard's place."""
+    p, group = task.param, task.group
+    weight = p.to_local()
+    with _local_state(state, param_layout(p), lambda key: key == KAHAN) as local:
+        rounding = rounding_for([weight], group, [local], [task.index], [_noise_place(p, group)])
+        apply_update(weight, update.reshape(weight.shape), group["lr"], group["weight_decay"], rounding)
+
+
 @contextmanager
 def _local_state(state: dict, layout: Layout, sharded: Callable[[str], bool]) -> Iterator[dict]:
     """This rank's view of ``state``: the entries sharded by ``layout`` (``sharded(key)``, never the step count) as
@@ -419,10 +429,7 @@ class FSDP2Backend:
         G = plan.view(p.grad.to_local().float())  # (count, m, n): this rank's experts
         with _local_state(state, param_layout(p), _every_entry) as local:
             X = self.momentum(plan, G, local, group, task.index, experts=(first, p.shape[0]))
-            update = orthogonalized_update(plan, X, group)
-            weight = p.to_local()  # the local shard shares p's storage
-            rounding = rounding_for([weight], group, [local], [task.index], [_noise_place(p, group)])
-            apply_update(weight, update, group["lr"], group["weight_decay"], rounding)
+        _apply_to_shard(task, state, orthogonalized_update(plan, X, group))
 
     def _on_owners(self, rows: RowGroup, matrices: list[tuple[Task, MatrixPlan]], states: States) -> None:
         """Row-sharded 2-D matrices of one row group (FSDP2, HSDP), each stepped whole on an owner rank.
@@ -492,11 +499,7 @@ class FSDP2Backend:
         layout = Layout(rows.mesh, rows.placements, item.plan.m)
         for key, value in zip(schema, entries, strict=True):
             state[key] = layout.wrap(value) if item.momentum.is_row(key) else value
-        group, weight = item.task.group, item.param.to_local()
-        place = Place(item.ranges[rows.rank][0])  # this rank's first row
-        with _local_state(state, param_layout(item.param), lambda key: key == KAHAN) as local:
-            rounding = rounding_for([weight], group, [local], [item.task.index], [place])
-            apply_update(weight, update.reshape(weight.shape), group["lr"], group["weight_decay"], rounding)
+        _apply_to_shard(item.task, state, update)
 
     def _matrices(self, rows: RowGroup, matrices: list[tuple[Task, MatrixPlan]], states: States) -> None:
         """Row-sharded 2-D matrices of one row group: momentum on local rows, then NS round by round on the owners
@@ -528,10 +531,7 @@ class FSDP2Backend:
                 if rows.gathered:  # the whole update, then this rank's block of the weight's own layout
                     update = _whole_rows(update, plan.m, pg, world)
                     update = distribute_tensor(update, p.device_mesh, p.placements, src_data_rank=None).to_local()
-                group, weight = task.group, p.to_local()
-                with _local_state(states[p], param_layout(p), lambda key: key == KAHAN) as local:
-                    rounding = rounding_for([weight], group, [local], [task.index], [_noise_place(p, group)])
-                    apply_update(weight, update, group["lr"], group["weight_decay"], rounding)
+                _apply_to_shard(task, states[p], update)
 
     # -------------------------------------------------------------------------------- checkpoints
     @contextmanager
